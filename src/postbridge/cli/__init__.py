@@ -1,0 +1,1 @@
+"""cli room of postbridge."""

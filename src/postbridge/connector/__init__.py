@@ -1,0 +1,1 @@
+"""connector room of postbridge."""

@@ -1,0 +1,1 @@
+"""socks room of postbridge."""

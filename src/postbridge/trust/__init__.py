@@ -1,0 +1,1 @@
+"""trust room of postbridge."""
