@@ -1,0 +1,5 @@
+"""Allow ``python -m postbridge``."""
+
+from postbridge.cli.main import main
+
+main()

@@ -1,0 +1,196 @@
+"""``postbridge cloud …``: the cloud hub's commands (init, subaccounts, bindings, enrollment tokens, serve)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from contextlib import AsyncExitStack
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from postbridge.addresses import parse_host_port
+from postbridge.cli.common import console, ctx_obj, print_json, run_async, run_command, setup_logging
+from postbridge.cloud.hub import Hub, HubConfig
+from postbridge.cloud.state import HubState
+
+app = typer.Typer(
+    help="Run and administer the cloud hub (tunnel endpoint, SOCKS5 proxy, token API).", no_args_is_help=True
+)
+subaccount_app = typer.Typer(
+    help="Subaccounts: the tenants whose cloud applications use the SOCKS5 proxy.", no_args_is_help=True
+)
+app.add_typer(subaccount_app, name="subaccount")
+
+DEFAULT_TUNNEL = "0.0.0.0:8443"
+DEFAULT_SOCKS = "127.0.0.1:1080"
+DEFAULT_API = "127.0.0.1:8080"
+
+
+@app.command()
+def init(
+    ctx: typer.Context,
+    hostname: Annotated[
+        list[str], typer.Option("--hostname", help="Name (or IP) connectors use to reach the hub; repeat for more.")
+    ],
+) -> None:
+    """Create the hub's CA (kept if it exists) and a server certificate for the given host names."""
+
+    def body() -> None:
+        home = ctx_obj(ctx).ensure_home()
+        result = HubState(home).init(hostname)
+        console.print(f"[green]hub initialised[/] in {home / 'cloud'}")
+        console.print(f"server certificate for: {', '.join(result['hostnames'])}")
+        console.print(f"CA fingerprint (SHA-256): {result['ca_fingerprint']}")
+
+    run_command(body)
+
+
+@subaccount_app.command("add")
+def subaccount_add(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Subaccount name: 1-64 of A-Z a-z 0-9 . _ -")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Create a subaccount and print its client id and secret (the secret is shown only once)."""
+
+    def body() -> None:
+        client_id, secret = HubState(ctx_obj(ctx).ensure_home()).add_subaccount(name)
+        if json_output:
+            print_json({"subaccount": name, "client_id": client_id, "client_secret": secret})
+            return
+        console.print(f"[green]subaccount '{name}' created[/]")
+        console.print(f"client id:     {client_id}")
+        console.print(f"client secret: {secret}")
+        console.print("[dim]store the secret now: it is not shown again[/]")
+
+    run_command(body)
+
+
+@subaccount_app.command("list")
+def subaccount_list(ctx: typer.Context, json_output: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List subaccounts (never their secrets)."""
+
+    def body() -> None:
+        subaccounts = HubState(ctx_obj(ctx).ensure_home()).subaccounts()
+        if json_output:
+            print_json([{"subaccount": k, "created": v["created"]} for k, v in sorted(subaccounts.items())])
+            return
+        table = Table("subaccount", "created")
+        for name, entry in sorted(subaccounts.items()):
+            table.add_row(name, entry["created"])
+        console.print(table)
+
+    run_command(body)
+
+
+@app.command()
+def binding(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Subaccount name.")],
+    secret: Annotated[
+        str,
+        typer.Option(
+            help="The subaccount's client secret (shown by 'subaccount add').", envvar="POSTBRIDGE_CLIENT_SECRET"
+        ),
+    ] = "",
+    socks: Annotated[str, typer.Option(help="SOCKS5 address cloud applications use.")] = DEFAULT_SOCKS,
+    api: Annotated[str, typer.Option(help="HTTPS API address cloud applications use.")] = DEFAULT_API,
+) -> None:
+    """Print the JSON binding a cloud application needs: SOCKS5 host/port, token URL, client id/secret, hub CA."""
+
+    def body() -> None:
+        state = HubState(ctx_obj(ctx).ensure_home())
+        if name not in state.subaccounts():
+            from postbridge.errors import ConfigurationError
+
+            raise ConfigurationError(
+                f"unknown subaccount '{name}'", hint=f"create it: 'postbridge cloud subaccount add {name}'"
+            )
+        if secret:
+            state.verify_client(name, secret)
+        socks_address = parse_host_port(socks, what="--socks")
+        api_address = parse_host_port(api, what="--api")
+        print_json(
+            {
+                "subaccount": name,
+                "onpremise_proxy_host": socks_address.host,
+                "onpremise_socks5_proxy_port": socks_address.port,
+                "token_service_url": f"https://{api_address}/oauth/token",
+                "clientid": name,
+                "clientsecret": secret or "<the secret printed by 'postbridge cloud subaccount add'>",
+                "ca_certificate": state.ca_pem().decode(),
+            }
+        )
+
+    run_command(body)
+
+
+@app.command()
+def enroll(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Subaccount the connector will serve.")],
+    location: Annotated[str, typer.Option(help="Location ID of the connector ('' = default location).")] = "",
+    ttl: Annotated[int, typer.Option(help="Minutes the token stays valid.")] = 15,
+    json_output: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Print a one-time enrollment token for a connector (it pins the hub's CA)."""
+
+    def body() -> None:
+        token = HubState(ctx_obj(ctx).ensure_home()).create_enrollment(name, location, ttl * 60)
+        text = token.encode()
+        if json_output:
+            print_json({"token": text, "subaccount": name, "location": location, "expires_at": int(token.expires_at)})
+            return
+        console.print(text, soft_wrap=True, highlight=False)
+
+    run_command(body)
+
+
+@app.command()
+def serve(
+    ctx: typer.Context,
+    tunnel_listen: Annotated[str, typer.Option(help="Where connectors connect (TLS 1.3, mutual).")] = DEFAULT_TUNNEL,
+    socks_listen: Annotated[str, typer.Option(help="SOCKS5 proxy for cloud applications.")] = DEFAULT_SOCKS,
+    api_listen: Annotated[str, typer.Option(help="HTTPS API (token endpoint, connector views).")] = DEFAULT_API,
+    handshake_timeout: Annotated[
+        float, typer.Option(help="Seconds a client may take for its TLS/SOCKS5 handshake.")
+    ] = 10.0,
+) -> None:
+    """Run the hub until interrupted (Ctrl-C or SIGTERM drains and stops)."""
+    obj = ctx_obj(ctx)
+
+    async def main() -> None:
+        setup_logging(obj.log_level, obj.ensure_home() / "cloud" / "hub.log")
+        config = HubConfig(
+            tunnel_listen=parse_host_port(tunnel_listen, what="--tunnel-listen"),
+            socks_listen=parse_host_port(socks_listen, what="--socks-listen"),
+            api_listen=parse_host_port(api_listen, what="--api-listen") if api_listen else None,
+            handshake_timeout=handshake_timeout,
+        )
+        state = HubState(obj.home)
+        state.settings()  # fails early with a clear message when not initialised
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        async with AsyncExitStack() as stack:
+            hub = Hub(state, config)
+            try:
+                await hub.start(stack)
+            except OSError as exc:
+                from postbridge.errors import ConfigurationError
+
+                raise ConfigurationError(
+                    f"cannot listen: {exc.strerror or exc}",
+                    hint="pick free ports with --tunnel-listen/--socks-listen/--api-listen",
+                ) from exc
+            console.print(
+                f"[green]hub running[/]: tunnel {hub.tunnel_address}, SOCKS5 {hub.socks_address}, "
+                f"API {'https://' + str(hub.api_address) if hub.api_address else 'off'}",
+                highlight=False,
+            )
+            await stop.wait()
+
+    run_async(main)

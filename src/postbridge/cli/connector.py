@@ -1,0 +1,285 @@
+"""``postbridge connector …``: enroll, mappings, backend trust store, availability check, run."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from postbridge.addresses import parse_host_port
+from postbridge.cli.common import console, ctx_obj, print_json, run_async, run_command, setup_logging
+from postbridge.connector.agent import Connector, ConnectorConfig
+from postbridge.connector.check import check_mapping
+from postbridge.connector.enroll import enroll as do_enroll
+from postbridge.connector.mappings import Mapping, parse_protocol
+from postbridge.connector.state import ConnectorState
+from postbridge.errors import ConfigurationError, TrustError
+
+app = typer.Typer(
+    help="Run and configure the on-premise connector (dials out to the hub; exposes only mappings).",
+    no_args_is_help=True,
+)
+mapping_app = typer.Typer(
+    help="Mappings: 'virtual host:port -> internal host:port'. Everything unmapped is denied.", no_args_is_help=True
+)
+trust_app = typer.Typer(
+    help="Backend trust store: CA certificates trusted for 'tcp-tls' mappings. There is no 'trust all'.",
+    no_args_is_help=True,
+)
+app.add_typer(mapping_app, name="mapping")
+app.add_typer(trust_app, name="truststore")
+
+
+def _state(ctx: typer.Context) -> ConnectorState:
+    return ConnectorState(ctx_obj(ctx).ensure_home())
+
+
+@app.command()
+def enroll(
+    ctx: typer.Context,
+    cloud: Annotated[str, typer.Option(help="The hub's tunnel address HOST:PORT.")],
+    token: Annotated[
+        str, typer.Option(help="One-time token from 'postbridge cloud enroll'.", envvar="POSTBRIDGE_ENROLL_TOKEN")
+    ],
+    egress_proxy: Annotated[
+        str, typer.Option(help="HTTP CONNECT proxy to reach the hub, e.g. http://proxy:3128.")
+    ] = "",
+) -> None:
+    """Create a key, get a certificate from the hub (bound to one subaccount and location ID) and store it."""
+
+    async def body() -> None:
+        state = _state(ctx)
+        identity = await do_enroll(
+            state, parse_host_port(cloud, what="--cloud"), token, egress_proxy=egress_proxy or None
+        )
+        console.print(
+            f"[green]enrolled[/] as connector {identity.connector_id} for subaccount {identity.subaccount}, "
+            f"location {identity.location or '(default)'}; valid until "
+            f"{state.certificate().not_valid_after_utc:%Y-%m-%d %H:%M} UTC (renewed automatically)",
+            highlight=False,
+        )
+
+    run_async(body)
+
+
+@mapping_app.command("add")
+def mapping_add(
+    ctx: typer.Context,
+    virtual: Annotated[str, typer.Argument(help="Virtual host:port cloud applications ask for.")],
+    to: Annotated[str, typer.Option("--to", help="Internal host:port the connector connects to.")],
+    protocol: Annotated[
+        str, typer.Option(help="'tcp' (bytes pass through) or 'tcp-tls' (connector does TLS).")
+    ] = "tcp",
+    tls_server_name: Annotated[str, typer.Option(help="Name to verify in the internal server's certificate.")] = "",
+    description: Annotated[str, typer.Option(help="Free text shown in lists.")] = "",
+) -> None:
+    """Add a mapping. A running connector uses it at once, without dropping its tunnel."""
+
+    def body() -> None:
+        state = _state(ctx)
+        mapping = Mapping(
+            virtual=parse_host_port(virtual, what="virtual host"),
+            internal=parse_host_port(to, what="--to"),
+            protocol=parse_protocol(protocol),
+            tls_server_name=tls_server_name or None,
+            description=description,
+        )
+        state.mappings.add(mapping)
+        state.audit.config_change(action="mapping-add", detail=mapping.to_json())
+        console.print(
+            f"[green]mapped[/] {mapping.virtual} -> {mapping.internal} ({mapping.protocol.value})", highlight=False
+        )
+        if mapping.protocol.value == "tcp-tls" and not state.truststore.list():
+            console.print(
+                "[yellow]warning:[/] the backend trust store is empty; add the internal CA with "
+                "'postbridge connector truststore add FILE'"
+            )
+
+    run_command(body)
+
+
+@mapping_app.command("list")
+def mapping_list(ctx: typer.Context, json_output: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List mappings."""
+
+    def body() -> None:
+        mappings = sorted(_state(ctx).mappings.load().values(), key=lambda m: m.virtual)
+        if json_output:
+            print_json([m.to_json() for m in mappings])
+            return
+        table = Table("virtual", "internal", "protocol", "TLS server name", "enabled", "description")
+        for m in mappings:
+            table.add_row(
+                str(m.virtual),
+                str(m.internal),
+                m.protocol.value,
+                m.tls_server_name or "",
+                "yes" if m.enabled else "no",
+                m.description,
+            )
+        console.print(table)
+        if not mappings:
+            console.print("[dim]no mappings: everything is denied. Add one with 'postbridge connector mapping add'.[/]")
+
+    run_command(body)
+
+
+@mapping_app.command("remove")
+def mapping_remove(
+    ctx: typer.Context, virtual: Annotated[str, typer.Argument(help="Virtual host:port to remove.")]
+) -> None:
+    """Remove a mapping; new connections to it are denied at once."""
+
+    def body() -> None:
+        state = _state(ctx)
+        removed = state.mappings.remove(parse_host_port(virtual, what="virtual host"))
+        state.audit.config_change(action="mapping-remove", detail=removed.to_json())
+        console.print(f"[green]removed[/] {removed.virtual} -> {removed.internal}", highlight=False)
+
+    run_command(body)
+
+
+@trust_app.command("add")
+def trust_add(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="CA certificate(s), PEM or DER.")],
+    alias: Annotated[str, typer.Option(help="Name for the entry (default: from the subject).")] = "",
+) -> None:
+    """Trust a CA (or a self-signed server certificate) for 'tcp-tls' mappings."""
+
+    def body() -> None:
+        state = _state(ctx)
+        try:
+            data = file.read_bytes()
+        except OSError as exc:
+            raise TrustError(
+                f"cannot read '{file}': {exc.strerror}", hint="give the path of a PEM or DER file"
+            ) from exc
+        entries = state.truststore.add(data, alias=alias or None, source=str(file))
+        for entry in entries:
+            state.audit.config_change(
+                action="truststore-add", detail={"alias": entry.alias, "fingerprint": entry.info.fingerprint}
+            )
+            console.print(
+                f"[green]trusted[/] {entry.alias}: {entry.info.subject} (SHA-256 {entry.info.fingerprint})",
+                highlight=False,
+            )
+
+    run_command(body)
+
+
+@trust_app.command("list")
+def trust_list(ctx: typer.Context, json_output: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List trusted certificates with expiry."""
+
+    def body() -> None:
+        entries = _state(ctx).truststore.list()
+        if json_output:
+            print_json(
+                [
+                    {
+                        "alias": e.alias,
+                        "subject": e.info.subject,
+                        "not_after": e.info.not_after.isoformat(),
+                        "fingerprint": e.info.fingerprint,
+                    }
+                    for e in entries
+                ]
+            )
+            return
+        table = Table("alias", "subject", "expires", "SHA-256")
+        for e in entries:
+            expiry = f"{e.info.not_after:%Y-%m-%d}"
+            if e.info.expires_within(30):
+                expiry = f"[red]{expiry} (soon)[/]"
+            table.add_row(e.alias, e.info.subject, expiry, e.info.fingerprint[:23] + "…")
+        console.print(table)
+
+    run_command(body)
+
+
+@trust_app.command("remove")
+def trust_remove(
+    ctx: typer.Context, alias: Annotated[str, typer.Argument(help="Alias or SHA-256 fingerprint.")]
+) -> None:
+    """Stop trusting a certificate."""
+
+    def body() -> None:
+        state = _state(ctx)
+        entry = state.truststore.remove(alias)
+        state.audit.config_change(
+            action="truststore-remove", detail={"alias": entry.alias, "fingerprint": entry.info.fingerprint}
+        )
+        console.print(f"[green]removed[/] {entry.alias}", highlight=False)
+
+    run_command(body)
+
+
+@app.command()
+def check(
+    ctx: typer.Context,
+    virtual: Annotated[str, typer.Argument(help="Virtual host:port of the mapping to check.")],
+    timeout: Annotated[float, typer.Option(help="Seconds for connect and TLS.")] = 5.0,
+    json_output: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Check that a mapping's internal host is reachable: TCP, TLS for tcp-tls, and the mail greeting."""
+
+    async def body() -> None:
+        state = _state(ctx)
+        target = parse_host_port(virtual, what="virtual host")
+        mapping = state.mappings.load().get(target)
+        if mapping is None:
+            raise ConfigurationError(
+                f"no mapping for virtual host '{target}'", hint="see 'postbridge connector mapping list'"
+            )
+        result = await check_mapping(mapping, tls_context=state.truststore.ssl_context, timeout=timeout)
+        if json_output:
+            print_json(result.to_json())
+        else:
+            colour = "green" if result.reachable else "red"
+            console.print(f"{target}: [{colour}]{result.summary()}[/]", highlight=False)
+        if not result.reachable:
+            raise typer.Exit(1)
+
+    run_async(body)
+
+
+@app.command()
+def run(
+    ctx: typer.Context,
+    cloud: Annotated[str, typer.Option(help="Override the hub address stored at enrollment.")] = "",
+    egress_proxy: Annotated[
+        str, typer.Option(help="HTTP CONNECT proxy to reach the hub, e.g. http://proxy:3128.")
+    ] = "",
+    backoff_cap: Annotated[float, typer.Option(help="Longest wait between reconnect attempts, seconds.")] = 5.0,
+) -> None:
+    """Keep the tunnel to the hub up and serve mapped connections until interrupted."""
+    obj = ctx_obj(ctx)
+
+    async def main() -> None:
+        state = _state(ctx)
+        setup_logging(obj.log_level, state.trace_path)
+        config = ConnectorConfig(
+            cloud=parse_host_port(cloud, what="--cloud") if cloud else None,
+            egress_proxy=egress_proxy or None,
+            backoff_cap=backoff_cap,
+        )
+        connector = Connector(state, config)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        console.print(
+            f"[green]connector {connector.identity.connector_id}[/] (subaccount {connector.identity.subaccount}, "
+            f"location {connector.identity.location or '(default)'}) -> hub {connector.cloud}",
+            highlight=False,
+        )
+        sys.stdout.flush()
+        await connector.run(stop)
+
+    run_async(main)

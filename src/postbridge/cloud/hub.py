@@ -1,0 +1,205 @@
+"""The cloud hub service: tunnel listener, SOCKS5 listener and HTTP API wired together.
+
+The hub is the :class:`SocksGate` of the SOCKS listener (authentication and routing) and the owner of the connector
+registry. Start it with :meth:`Hub.start` inside an ``AsyncExitStack``; the stack's exit drains and closes all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import ssl
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any
+
+from postbridge.addresses import HostPort
+from postbridge.cloud import tokens
+from postbridge.cloud.registry import ConnectedConnector, Registry
+from postbridge.cloud.state import EnrollmentToken, HubState
+from postbridge.cloud.tunnel_listener import EnrollmentService, TunnelAcceptor, server_context
+from postbridge.errors import AuthenticationError, PostbridgeError, StreamRefused, TrustError
+from postbridge.socks.listener import Principal, SocksConnection
+from postbridge.trust import pki
+from postbridge.tunnel.protocol import Role
+from postbridge.tunnel.session import TunnelSession
+
+log = logging.getLogger("postbridge.hub")
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    tunnel_listen: HostPort
+    socks_listen: HostPort
+    api_listen: HostPort | None = None
+    handshake_timeout: float = 10.0
+    ping_interval: float = 10.0
+    dead_after: float = 30.0
+
+
+class Hub:
+    """One running hub."""
+
+    def __init__(self, state: HubState, config: HubConfig) -> None:
+        self.state = state
+        self.config = config
+        self.registry = Registry()
+        self.tunnel_address: HostPort | None = None
+        self.socks_address: HostPort | None = None
+        self.api_address: HostPort | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- SocksGate ----------------------------------------------------------------------------------------------
+
+    def authenticate_password(self, username: str, password: str) -> Principal:
+        subaccount, _, location = username.partition("/")
+        self.state.verify_client(subaccount, password)
+        return Principal(subaccount, location)
+
+    def authenticate_jwt(self, token: str, location: str) -> Principal:
+        return Principal(tokens.verify(self.state.jwt_key(), token), location)
+
+    def route(self, principal: Principal, target: HostPort) -> TunnelSession:
+        entry = self.registry.pick(principal.subaccount, principal.location)
+        if entry is not None:
+            return entry.session
+        connected = self.registry.locations(principal.subaccount)
+        where = f"location ID '{principal.location}'" if principal.location else "the default location (no location ID)"
+        if connected:
+            listed = ", ".join(repr(loc) if loc else "(default)" for loc in connected)
+            hint = f"connected locations of subaccount '{principal.subaccount}': {listed} — check the location ID"
+        else:
+            hint = (
+                f"no connector of subaccount '{principal.subaccount}' is connected — start 'postbridge connector run'"
+            )
+        raise StreamRefused(
+            f"no connector connected for subaccount '{principal.subaccount}' at {where}",
+            reason="no-connector",
+            socks_reply=0x03,
+            hint=hint,
+        )
+
+    # -- tunnels ------------------------------------------------------------------------------------------------
+
+    def _on_tunnel(
+        self, acceptor: TunnelAcceptor, transport: asyncio.Transport, peer_cert: dict[str, Any], serial: int
+    ) -> None:
+        try:
+            identity = pki.ConnectorIdentity.from_peercert(peer_cert)
+        except TrustError as exc:
+            log.warning("tunnel from %s refused: %s", acceptor.peer, exc)
+            transport.abort()
+            return
+        if self.state.certificate_revoked(serial):
+            log.warning(
+                "tunnel from %s refused: certificate %x of connector %s is revoked or unknown",
+                acceptor.peer,
+                serial,
+                identity.connector_id,
+            )
+            transport.abort()
+            return
+        session = TunnelSession(
+            Role.HUB,
+            peer=f"{identity.connector_id}@{acceptor.peer}",
+            ping_interval=self.config.ping_interval,
+            dead_after=self.config.dead_after,
+        )
+        entry = ConnectedConnector(identity, session, acceptor.peer)
+        acceptor.hand_over(transport, session)
+        self.registry.register(entry)
+        session.closed.add_done_callback(lambda _: self.registry.unregister(entry))
+        self._spawn(self.refresh_info(entry), f"info {identity.connector_id}")
+
+    async def refresh_info(self, entry: ConnectedConnector) -> dict[str, Any]:
+        """Ask a connector for its version, location and mappings (cached for the API)."""
+        try:
+            answer = await entry.session.control("GET", "/v1/info")
+            entry.info = json.loads(answer.body)
+        except (PostbridgeError, ValueError) as exc:
+            log.warning("could not read info of connector %s: %s", entry.identity.connector_id, exc)
+        return entry.info
+
+    def _issue(self, csr: bytes, identity: pki.ConnectorIdentity) -> bytes:
+        ca_key, ca_cert = self.state.ca()
+        cert = pki.issue_connector_certificate(ca_key, ca_cert, csr, identity)
+        self.state.record_certificate(cert, identity)
+        return pki.cert_pem(cert)
+
+    def _redeem(self, text: str) -> tuple[str, str]:
+        return self.state.redeem_enrollment(EnrollmentToken.decode(text))
+
+    # -- service ------------------------------------------------------------------------------------------------
+
+    async def start(self, stack: AsyncExitStack) -> None:
+        """Open all listeners; they close when ``stack`` exits."""
+        loop = asyncio.get_running_loop()
+        state = self.state
+        context = server_context(str(state.server_chain_path), str(state.server_key_path), str(state.ca_cert_path))
+        enrollment = EnrollmentService(state.ca_pem, self._redeem, self._issue, state.certificate_revoked)
+        tunnel_server = await loop.create_server(
+            lambda: TunnelAcceptor(context, enrollment, self._on_tunnel, self.config.handshake_timeout),
+            self.config.tunnel_listen.host,
+            self.config.tunnel_listen.port,
+        )
+        stack.push_async_callback(_close_server, tunnel_server)
+        self.tunnel_address = _bound(tunnel_server, self.config.tunnel_listen)
+        socks_server = await loop.create_server(
+            lambda: SocksConnection(self, handshake_timeout=self.config.handshake_timeout),
+            self.config.socks_listen.host,
+            self.config.socks_listen.port,
+        )
+        stack.push_async_callback(_close_server, socks_server)
+        self.socks_address = _bound(socks_server, self.config.socks_listen)
+        stack.push_async_callback(self._shutdown_sessions)
+        if self.config.api_listen is not None:
+            from postbridge.cloud.api import serve_api
+
+            self.api_address = await serve_api(self, self.config.api_listen, stack)
+        log.info(
+            "hub listening: tunnel %s, SOCKS5 %s, API %s",
+            self.tunnel_address,
+            self.socks_address,
+            f"https://{self.api_address}" if self.api_address else "off",
+        )
+
+    async def _shutdown_sessions(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for entry in self.registry.all():
+            entry.session.close("hub is shutting down")
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def api_ssl_context(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(str(self.state.server_chain_path), str(self.state.server_key_path))
+        return context
+
+    def token_for(self, client_id: str, secret: str) -> tuple[str, int]:
+        subaccount = self.state.verify_client(client_id, secret)
+        return tokens.issue(self.state.jwt_key(), subaccount), tokens.DEFAULT_TTL
+
+    def subaccount_of_bearer(self, token: str) -> str:
+        try:
+            return tokens.verify(self.state.jwt_key(), token)
+        except AuthenticationError:
+            raise
+
+
+def _bound(server: asyncio.Server, wanted: HostPort) -> HostPort:
+    sockname = server.sockets[0].getsockname()
+    return HostPort(wanted.host, int(sockname[1]))
+
+
+async def _close_server(server: asyncio.Server) -> None:
+    server.close()
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(2):
+            await server.wait_closed()

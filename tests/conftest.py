@@ -1,0 +1,94 @@
+"""Shared fixtures: real hub + connector processes (``stack``) and small loopback servers to map to."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import socketserver
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness import Connector, Stack
+from tests.servers import LOOPBACK
+
+
+class _Service(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    """Speaks a tiny line protocol after a greeting, chosen by the first line the client sends:
+
+    ``ECHO``: echo until EOF, then close.  ``SINK``: read until EOF, answer the sha256 hex, close.
+    ``SOURCE n``: send n bytes of a deterministic pattern, then half-close and read until EOF (answers its count).
+    """
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        sock.sendall(b"220 test.server ready\r\n")
+        line = b""
+        while not line.endswith(b"\n"):
+            chunk = sock.recv(1)
+            if not chunk:
+                return
+            line += chunk
+        command = line.strip().split()
+        if command[0] == b"ECHO":
+            while data := sock.recv(65536):
+                sock.sendall(data)
+        elif command[0] == b"SINK":
+            digest = hashlib.sha256()
+            while data := sock.recv(1 << 20):
+                digest.update(data)
+            sock.sendall(digest.hexdigest().encode())
+        elif command[0] == b"SOURCE":
+            remaining = int(command[1])
+            block = pattern_block()
+            while remaining:
+                piece = block[: min(len(block), remaining)]
+                sock.sendall(piece)
+                remaining -= len(piece)
+            sock.shutdown(socket.SHUT_WR)
+            received = 0
+            while data := sock.recv(65536):
+                received += len(data)
+            # the client half-closed after sending; nothing more can be said to it
+        sock.close()
+
+
+def pattern_block() -> bytes:
+    return hashlib.sha256(b"postbridge").digest() * 32768  # 1 MiB
+
+
+@pytest.fixture(scope="session")
+def line_server() -> Iterator[int]:
+    """A threaded TCP server on 127.0.0.1 speaking the test line protocol; yields its port."""
+    server = _Service((LOOPBACK, 0), _Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield int(server.server_address[1])
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    """An initialised hub (running) with subaccount 'acme'; add connectors with stack.enroll()."""
+    stack = Stack(tmp_path).init()
+    stack.start_hub()
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture
+def connected(stack: Stack) -> Connector:
+    """One running connector at location 'dc1'."""
+    connector = stack.enroll("dc1")
+    stack.start_connector(connector)
+    return connector
