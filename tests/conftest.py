@@ -13,11 +13,14 @@ import pytest
 
 from tests.harness import Connector, Stack
 from tests.servers import LOOPBACK
+from tests.servers.dovecot import Dovecot
+from tests.servers.pki import TestPki, make_test_pki
 
 
 class _Service(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 4096  # socketserver's default backlog of 5 drops SYNs under 1,000 concurrent connects
 
 
 class _Handler(socketserver.BaseRequestHandler):
@@ -92,3 +95,16 @@ def connected(stack: Stack) -> Connector:
     connector = stack.enroll("dc1")
     stack.start_connector(connector)
     return connector
+
+
+@pytest.fixture(scope="session")
+def test_pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
+    """Root CA -> intermediate -> leaf for mail.corp.example, localhost, 127.0.0.1, 127.0.0.2."""
+    return make_test_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
+def dovecot(test_pki: TestPki) -> Iterator[Dovecot]:
+    """A real Dovecot on loopback: IMAP+STARTTLS, IMAPS, POP3+STLS, POP3S; users alice/bob, password 'secret'."""
+    with Dovecot(pki=test_pki) as server:
+        yield server

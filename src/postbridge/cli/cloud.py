@@ -157,6 +157,8 @@ def serve(
     handshake_timeout: Annotated[
         float, typer.Option(help="Seconds a client may take for its TLS/SOCKS5 handshake.")
     ] = 10.0,
+    ping_interval: Annotated[float, typer.Option(help="Seconds between liveness PINGs on each tunnel.")] = 10.0,
+    dead_after: Annotated[float, typer.Option(help="Seconds of silence after which a tunnel is declared dead.")] = 30.0,
 ) -> None:
     """Run the hub until interrupted (Ctrl-C or SIGTERM drains and stops)."""
     obj = ctx_obj(ctx)
@@ -168,6 +170,8 @@ def serve(
             socks_listen=parse_host_port(socks_listen, what="--socks-listen"),
             api_listen=parse_host_port(api_listen, what="--api-listen") if api_listen else None,
             handshake_timeout=handshake_timeout,
+            ping_interval=ping_interval,
+            dead_after=dead_after,
         )
         state = HubState(obj.home)
         state.settings()  # fails early with a clear message when not initialised

@@ -257,6 +257,8 @@ def run(
         str, typer.Option(help="HTTP CONNECT proxy to reach the hub, e.g. http://proxy:3128.")
     ] = "",
     backoff_cap: Annotated[float, typer.Option(help="Longest wait between reconnect attempts, seconds.")] = 5.0,
+    ping_interval: Annotated[float, typer.Option(help="Seconds between liveness PINGs on the tunnel.")] = 10.0,
+    dead_after: Annotated[float, typer.Option(help="Seconds of silence before the tunnel counts as dead.")] = 30.0,
 ) -> None:
     """Keep the tunnel to the hub up and serve mapped connections until interrupted."""
     obj = ctx_obj(ctx)
@@ -268,6 +270,8 @@ def run(
             cloud=parse_host_port(cloud, what="--cloud") if cloud else None,
             egress_proxy=egress_proxy or None,
             backoff_cap=backoff_cap,
+            ping_interval=ping_interval,
+            dead_after=dead_after,
         )
         connector = Connector(state, config)
         stop = asyncio.Event()

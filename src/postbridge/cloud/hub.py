@@ -28,6 +28,8 @@ from postbridge.tunnel.session import TunnelSession
 
 log = logging.getLogger("postbridge.hub")
 
+BACKLOG = 4096  # bursts of thousands of cloud clients must not see dropped SYNs (asyncio's default is 100)
+
 
 @dataclass(frozen=True)
 class HubConfig:
@@ -143,6 +145,7 @@ class Hub:
             lambda: TunnelAcceptor(context, enrollment, self._on_tunnel, self.config.handshake_timeout),
             self.config.tunnel_listen.host,
             self.config.tunnel_listen.port,
+            backlog=BACKLOG,
         )
         stack.push_async_callback(_close_server, tunnel_server)
         self.tunnel_address = _bound(tunnel_server, self.config.tunnel_listen)
@@ -150,6 +153,7 @@ class Hub:
             lambda: SocksConnection(self, handshake_timeout=self.config.handshake_timeout),
             self.config.socks_listen.host,
             self.config.socks_listen.port,
+            backlog=BACKLOG,
         )
         stack.push_async_callback(_close_server, socks_server)
         self.socks_address = _bound(socks_server, self.config.socks_listen)

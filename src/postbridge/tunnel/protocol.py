@@ -30,6 +30,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import h2.stream
 
 from postbridge.addresses import HostPort, parse_host_port
 from postbridge.errors import ConfigurationError, TunnelProtocolError
@@ -210,6 +211,9 @@ class TunnelConnection:
             settings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = 0  # the connector never opens streams
         self._h2.local_settings = h2.settings.Settings(client=self.role is Role.HUB, initial_values=settings)
         self._h2.initiate_connection()
+        # h2 applies a replaced local_settings object to its frame-size check only on a later ACKed change;
+        # accept our advertised size from the start (the peer may use it as soon as it read our SETTINGS)
+        self._h2.max_inbound_frame_size = MAX_FRAME_SIZE
         self._h2.increment_flow_control_window(CONNECTION_WINDOW - 65_535)
 
     def data_to_send(self) -> bytes:
@@ -243,7 +247,7 @@ class TunnelConnection:
         ]
         self._guard(self._h2.send_headers, stream_id, headers, end_stream=not body)
         if body:
-            self._guard(self._h2.send_data, stream_id, body, end_stream=True)
+            self._send_body(stream_id, body)
         self._control[stream_id] = bytearray()
         return stream_id
 
@@ -285,7 +289,7 @@ class TunnelConnection:
         self._require(Role.CONNECTOR, "answer")
         headers = [(b":status", str(status).encode("ascii")), (b"content-type", b"application/json")]
         self._guard(self._h2.send_headers, stream_id, headers)
-        self._guard(self._h2.send_data, stream_id, body, end_stream=True)
+        self._send_body(stream_id, body)
 
     def drain(self) -> None:
         """Connector: tell the hub not to open new streams (running ones go on)."""
@@ -296,6 +300,9 @@ class TunnelConnection:
 
     def send_window(self, stream_id: int) -> int:
         """How many bytes :meth:`send_data` can send now on this stream (0 when closed)."""
+        stream = self._h2.streams.get(stream_id)
+        if stream is None or stream.closed or stream.state_machine.state is h2.stream.StreamState.HALF_CLOSED_LOCAL:
+            return 0
         try:
             window: int = self._h2.local_flow_control_window(stream_id)
         except (h2.exceptions.StreamClosedError, h2.exceptions.NoSuchStreamError):
@@ -402,7 +409,8 @@ class TunnelConnection:
             try:
                 target = parse_host_port(authority, what="tunnel target")
             except ConfigurationError as exc:
-                self.refuse(stream_id, "bad-request", exc.message)
+                with contextlib.suppress(TunnelProtocolError):  # the hub may have reset it in the same read
+                    self.refuse(stream_id, "bad-request", exc.message)
                 return
             trace_id = _clean(headers.get(b"postbridge-trace-id", b"").decode("ascii", "replace"), 64)
             self._pending_data[stream_id] = bytearray()
@@ -412,15 +420,17 @@ class TunnelConnection:
         if method in {"GET", "POST"} and path in CONTROL_PATHS:
             self._control[stream_id] = bytearray()
             self._control_meta[stream_id] = (method, path)
-            if event.stream_ended is not None:
-                self._on_stream_ended(stream_id, out)
             return
-        self.answer(stream_id, 404, b'{"error": "unknown control request"}')
+        with contextlib.suppress(TunnelProtocolError):  # the hub may have reset it in the same read
+            self.answer(stream_id, 404, b'{"error": "unknown control request"}')
 
     def _on_response(self, event: h2.events.ResponseReceived, out: list[Event]) -> None:
         headers = {name: value for name, value in event.headers}
         stream_id = event.stream_id
-        status = int(headers.get(b":status", b"0") or 0)
+        raw_status = headers.get(b":status", b"")
+        if not (len(raw_status) == 3 and raw_status.isdigit()):
+            raise TunnelProtocolError(f"connector answered stream {stream_id} with an invalid :status {raw_status!r}")
+        status = int(raw_status)
         if stream_id in self._control:
             self._control_meta[stream_id] = status
             return
@@ -461,6 +471,12 @@ class TunnelConnection:
         out.append(StreamEnded(stream_id))
 
     # -- helpers ------------------------------------------------------------------------------------------------
+
+    def _send_body(self, stream_id: int, body: bytes) -> None:
+        frame = self._h2.max_outbound_frame_size
+        chunks = [body[i : i + frame] for i in range(0, len(body), frame)] or [b""]
+        for index, chunk in enumerate(chunks):
+            self._guard(self._h2.send_data, stream_id, chunk, end_stream=index == len(chunks) - 1)
 
     def _require(self, role: Role, command: str) -> None:
         if self.role is not role:
