@@ -190,7 +190,8 @@ class Stack:
             try:
                 ids = {c["connector_id"] for c in self.connected()}
             except (httpx.HTTPError, OSError):
-                ids = set()
+                time.sleep(0.05)
+                continue  # no answer is no evidence either way
             if (connector_id in ids) != gone:
                 return time.monotonic() - start
             time.sleep(0.05)

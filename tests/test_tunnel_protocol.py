@@ -971,3 +971,13 @@ def test_an_oversized_frame_is_a_protocol_error(role: Role) -> None:
         side.receive_data(connector_preface())
     with pytest.raises(TunnelProtocolError):
         side.receive_data(frame(0, 0, 1, bytes(MAX_FRAME_SIZE + 1)))
+
+
+@pytest.mark.parametrize("role", [Role.HUB, Role.CONNECTOR])
+def test_an_oversized_frame_is_refused_at_its_header_without_waiting_for_the_body(role: Role) -> None:
+    """h2 alone would buffer up to 16 MiB before checking the length; the header must be enough."""
+    connection = TunnelConnection(role)
+    connection.initiate()
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" if role is Role.CONNECTOR else b""
+    with pytest.raises(TunnelProtocolError, match="frame of 16777215 bytes announced"):
+        connection.receive_data(preface + b"\xff\xff\xff\x00\x00\x00\x00\x00\x01")

@@ -16,6 +16,7 @@ from postbridge.cli.common import console, ctx_obj, print_json, run_async, run_c
 from postbridge.connector.agent import Connector, ConnectorConfig
 from postbridge.connector.check import check_mapping
 from postbridge.connector.enroll import enroll as do_enroll
+from postbridge.connector.enroll import renew as do_renew
 from postbridge.connector.mappings import Mapping, parse_protocol
 from postbridge.connector.state import ConnectorState
 from postbridge.errors import ConfigurationError, TrustError
@@ -61,6 +62,24 @@ def enroll(
             f"[green]enrolled[/] as connector {identity.connector_id} for subaccount {identity.subaccount}, "
             f"location {identity.location or '(default)'}; valid until "
             f"{state.certificate().not_valid_after_utc:%Y-%m-%d %H:%M} UTC (renewed automatically)",
+            highlight=False,
+        )
+
+    run_async(body)
+
+
+@app.command()
+def renew(
+    ctx: typer.Context,
+    egress_proxy: Annotated[str, typer.Option(help="HTTP CONNECT proxy to reach the hub.")] = "",
+) -> None:
+    """Renew the connector's key and certificate now (a running connector also does this by itself)."""
+
+    async def body() -> None:
+        state = _state(ctx)
+        await do_renew(state, egress_proxy=egress_proxy or None)
+        console.print(
+            f"[green]renewed[/]: certificate valid until {state.certificate().not_valid_after_utc:%Y-%m-%d %H:%M} UTC",
             highlight=False,
         )
 

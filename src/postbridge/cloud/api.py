@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("postbridge.api")
 
+INFO_TIMEOUT = 1.0  # seconds the API waits for a connector's fresh info before using the cached one
+
 
 def _error(status: int, error: str, hint: str = "", **extra: str) -> JSONResponse:
     body: dict[str, Any] = {"error": error, "hint": hint}
@@ -73,7 +75,8 @@ def build_app(hub: Hub) -> Starlette:
         except AuthenticationError as exc:
             return _error(401, exc.message, exc.hint)
         entries = hub.registry.of_subaccount(subaccount)
-        await asyncio.gather(*(hub.refresh_info(e) for e in entries))
+        # a frozen connector must not stall the API: wait briefly, else answer from the cached info
+        await asyncio.gather(*(hub.refresh_info(e, timeout=INFO_TIMEOUT) for e in entries))
         return JSONResponse({"subaccount": subaccount, "connectors": [e.describe() for e in entries]})
 
     async def mappings(request: Request) -> JSONResponse:
@@ -86,7 +89,7 @@ def build_app(hub: Hub) -> Starlette:
         entries = hub.registry.at(subaccount, location)
         if not entries:
             return _error(404, f"no connector connected at location {location!r}", "check the location ID")
-        await asyncio.gather(*(hub.refresh_info(e) for e in entries))
+        await asyncio.gather(*(hub.refresh_info(e, timeout=INFO_TIMEOUT) for e in entries))
         return JSONResponse({"location": location, "mappings": entries[0].info.get("mappings", [])})
 
     async def healthz(request: Request) -> JSONResponse:

@@ -115,10 +115,10 @@ class Hub:
         session.closed.add_done_callback(lambda _: self.registry.unregister(entry))
         self._spawn(self.refresh_info(entry), f"info {identity.connector_id}")
 
-    async def refresh_info(self, entry: ConnectedConnector) -> dict[str, Any]:
-        """Ask a connector for its version, location and mappings (cached for the API)."""
+    async def refresh_info(self, entry: ConnectedConnector, *, timeout: float = 15.0) -> dict[str, Any]:
+        """Ask a connector for its version, location and mappings (cached for the API); on failure keep the cache."""
         try:
-            answer = await entry.session.control("GET", "/v1/info")
+            answer = await entry.session.control("GET", "/v1/info", timeout=timeout)
             entry.info = json.loads(answer.body)
         except (PostbridgeError, ValueError) as exc:
             log.warning("could not read info of connector %s: %s", entry.identity.connector_id, exc)

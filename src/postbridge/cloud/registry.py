@@ -50,6 +50,7 @@ class Registry:
 
     def __init__(self) -> None:
         self._by_id: dict[tuple[str, str], ConnectedConnector] = {}
+        self._turn = 0  # round-robin among equally loaded connectors
 
     def register(self, entry: ConnectedConnector) -> None:
         """Add a connector; an older session of the same identity is closed at once."""
@@ -86,11 +87,17 @@ class Registry:
             )
 
     def pick(self, subaccount: str, location: str) -> ConnectedConnector | None:
-        """The healthy connector for (subaccount, location) with the fewest open streams, or None."""
+        """The healthy connector for (subaccount, location) with the fewest open streams, or None.
+
+        Ties (typically: all idle) are broken round-robin, so sequential connections use every connector.
+        """
         candidates = [e for e in self.at(subaccount, location) if e.healthy]
         if not candidates:
             return None
-        return min(candidates, key=lambda e: len(e.session.sinks))
+        fewest = min(len(e.session.sinks) for e in candidates)
+        least = sorted((e for e in candidates if len(e.session.sinks) == fewest), key=lambda e: e.identity.connector_id)
+        self._turn += 1
+        return least[self._turn % len(least)]
 
     def at(self, subaccount: str, location: str) -> list[ConnectedConnector]:
         return [

@@ -182,16 +182,17 @@ class TunnelAcceptor(asyncio.Protocol):
             transport = await loop.start_tls(
                 raw, self, self.context, server_side=True, ssl_handshake_timeout=self.handshake_timeout
             )
-        except TimeoutError:
-            log.warning(
-                "tunnel port: %s did not finish its TLS handshake within %g s — dropped",
-                self.peer,
-                self.handshake_timeout,
-            )
-            raw.abort()
-            return
-        except (ssl.SSLError, OSError, ConnectionError) as exc:
-            log.warning("tunnel port: TLS handshake with %s failed: %s — dropped", self.peer, _explain_tls_error(exc))
+        except (TimeoutError, ssl.SSLError, OSError) as exc:
+            if isinstance(exc, TimeoutError) or "taking longer" in str(exc):  # asyncio says ConnectionAbortedError
+                log.warning(
+                    "tunnel port: %s did not finish its TLS handshake within %g s — dropped",
+                    self.peer,
+                    self.handshake_timeout,
+                )
+            else:
+                log.warning(
+                    "tunnel port: TLS handshake with %s failed: %s — dropped", self.peer, _explain_tls_error(exc)
+                )
             raw.abort()
             return
         if transport is None:

@@ -165,9 +165,7 @@ async def check_mapping(
     try:
         await asyncio.wait([reader.line], timeout=greeting_timeout)
         if not reader.line.done():
-            return result(
-                reachable=True, elapsed_ms=connected_ms, tls_version=tls_version, hint=_silent_hint(mapping)
-            )
+            return result(reachable=True, elapsed_ms=connected_ms, tls_version=tls_version, hint=_silent_hint(mapping))
         raw = reader.line.result()
         if raw is None:
             return result(
@@ -187,8 +185,7 @@ async def check_mapping(
             return result(
                 **common,
                 tls_version=tls_version,
-                error=f"the {protocol_seen} server at {mapping.internal} refuses the connection: "
-                f"'{greeting}'",
+                error=f"the {protocol_seen} server at {mapping.internal} refuses the connection: '{greeting}'",
                 hint="the mail server answered but will not serve this client now; check its log and limits",
             )
         return result(**common, reachable=True, tls_version=tls_version)

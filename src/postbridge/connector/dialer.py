@@ -122,9 +122,7 @@ async def _resolve(loop: asyncio.AbstractEventLoop, target: HostPort) -> list[An
             hint="check the internal host of the mapping and the DNS settings of the connector machine",
         ) from exc
     except UnicodeError as exc:
-        raise BackendError(
-            f"cannot resolve '{target.host}': not a valid name", reason=HOST_UNREACHABLE
-        ) from exc
+        raise BackendError(f"cannot resolve '{target.host}': not a valid name", reason=HOST_UNREACHABLE) from exc
     if not infos:
         raise BackendError(f"cannot resolve '{target.host}': no addresses", reason=HOST_UNREACHABLE)
     return list(infos)
@@ -153,8 +151,7 @@ async def _connect(loop: asyncio.AbstractEventLoop, target: HostPort, infos: lis
     raise BackendError(
         described + name,
         reason=HOST_UNREACHABLE,
-        hint=f"check that the mail server listens on {target} and that a firewall lets the connector machine "
-        "reach it",
+        hint=f"check that the mail server listens on {target} and that a firewall lets the connector machine reach it",
     ) from failures[-1][1]
 
 
@@ -248,8 +245,5 @@ def _timeout_hint(phase: str) -> str:
     if "resolving" in phase:
         return "the DNS server of the connector machine did not answer; check its DNS settings"
     if "TLS" in phase:
-        return (
-            "the server accepted TCP but did not answer TLS; it may expect plain text or STARTTLS "
-            "(protocol 'tcp')"
-        )
+        return "the server accepted TCP but did not answer TLS; it may expect plain text or STARTTLS (protocol 'tcp')"
     return "a firewall may silently drop the connection; check that the connector machine may reach the host"

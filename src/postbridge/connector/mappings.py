@@ -92,8 +92,7 @@ class Mapping:
             if self.protocol is not Protocol.TCP_TLS:
                 raise ConfigurationError(
                     f"mapping {self.virtual} has TLS server name '{name}' but protocol '{self.protocol}'",
-                    hint="a TLS server name is only used with protocol 'tcp-tls'; drop it or change the "
-                    "protocol",
+                    hint="a TLS server name is only used with protocol 'tcp-tls'; drop it or change the protocol",
                 )
             object.__setattr__(self, "tls_server_name", name.lower())
 
@@ -152,9 +151,7 @@ class Mapping:
 
 def _expect(data: dict[str, Any], key: str, kind: type | tuple[type, ...], source: str, hint: str) -> None:
     if key in data and not isinstance(data[key], kind):
-        raise ConfigurationError(
-            f"{source}: field '{key}' has the wrong type: {_quote(data[key])}", hint=hint
-        )
+        raise ConfigurationError(f"{source}: field '{key}' has the wrong type: {_quote(data[key])}", hint=hint)
 
 
 def _quote(value: Any) -> str:
@@ -203,8 +200,7 @@ class MappingStore:
         existing = mappings.get(mapping.virtual)
         if existing is not None:
             raise ConfigurationError(
-                f"virtual address {mapping.virtual} is already mapped to {existing.internal} "
-                f"({existing.protocol})",
+                f"virtual address {mapping.virtual} is already mapped to {existing.internal} ({existing.protocol})",
                 hint=f"remove it first with 'postbridge connector mapping remove {mapping.virtual}'",
             )
         mappings[mapping.virtual] = mapping

@@ -338,9 +338,7 @@ class Socks5Server:
             return None
         if buf[1] != wire.COMMAND_CONNECT:
             command = wire.command_name(buf[1])
-            self._refuse(
-                Reply.COMMAND_NOT_SUPPORTED, f"{command} is not supported", "the hub only offers CONNECT"
-            )
+            self._refuse(Reply.COMMAND_NOT_SUPPORTED, f"{command} is not supported", "the hub only offers CONNECT")
             return None
         if len(buf) < 3:
             return None

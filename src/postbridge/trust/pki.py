@@ -86,9 +86,7 @@ class ConnectorIdentity:
     def from_uri(cls, uri: str) -> ConnectorIdentity:
         """Parse a URI made by :meth:`to_uri`; raise TrustError for anything else, non-canonical too."""
         if not uri.startswith(URI_PREFIX):
-            raise TrustError(
-                f"'{uri}' is not a postbridge connector identity (it must start with '{URI_PREFIX}')"
-            )
+            raise TrustError(f"'{uri}' is not a postbridge connector identity (it must start with '{URI_PREFIX}')")
         parts = uri[len(URI_PREFIX) :].split(":")
         if len(parts) != 3:
             raise TrustError(
@@ -132,8 +130,7 @@ class ConnectorIdentity:
         if len(ours) != 1:
             found = "no" if not ours else f"{len(ours)}"
             raise TrustError(
-                f"{where} holds {found} postbridge connector identities (SAN URI '{URI_PREFIX}...') "
-                "instead of one",
+                f"{where} holds {found} postbridge connector identities (SAN URI '{URI_PREFIX}...') instead of one",
                 hint="use the certificate issued at enrollment ('postbridge connector enroll')",
             )
         return cls.from_uri(ours[0])
@@ -263,9 +260,7 @@ def issue_connector_certificate(
     builder = (
         _validity(x509.CertificateBuilder(), days, ca_cert)
         .subject_name(x509.Name(attributes))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.to_uri())]), critical=False
-        )
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.to_uri())]), critical=False)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
     )
     return _sign_leaf(builder, public_key, ca_key, ca_cert)
@@ -436,13 +431,9 @@ def _hash_for(key: CertificateIssuerPrivateKeyTypes) -> hashes.SHA256 | None:
     return hashes.SHA256()
 
 
-def _validity(
-    builder: x509.CertificateBuilder, days: int, ca_cert: x509.Certificate | None
-) -> x509.CertificateBuilder:
+def _validity(builder: x509.CertificateBuilder, days: int, ca_cert: x509.Certificate | None) -> x509.CertificateBuilder:
     if days < 1:
-        raise ConfigurationError(
-            f"a certificate lifetime of {days} days is too short", hint="give 1 day or more"
-        )
+        raise ConfigurationError(f"a certificate lifetime of {days} days is too short", hint="give 1 day or more")
     now = datetime.now(UTC)
     not_after = now + timedelta(days=days)
     if ca_cert is not None:
@@ -479,8 +470,7 @@ def _check_public_key(public_key: CertificatePublicKeyTypes) -> None:
         return
     raise TrustError(
         f"the certificate signing request holds a {type(public_key).__name__} key, which is not accepted",
-        hint="use an EC key of 256 bits or more (the connector makes P-256), RSA of 2048 bits or more, "
-        "or Ed25519",
+        hint="use an EC key of 256 bits or more (the connector makes P-256), RSA of 2048 bits or more, or Ed25519",
     )
 
 

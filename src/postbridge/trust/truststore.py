@@ -69,9 +69,7 @@ class TrustStore:
         self._lock = threading.Lock()
         self._cached: tuple[_Stamp, ssl.SSLContext] | None = None
 
-    def add(
-        self, data: bytes, *, alias: str | None = None, source: str = "input"
-    ) -> builtins.list[TrustEntry]:
+    def add(self, data: bytes, *, alias: str | None = None, source: str = "input") -> builtins.list[TrustEntry]:
         """Store every certificate in ``data`` (PEM, one or several, or DER) and return the new entries.
 
         Each certificate of a bundle gets its own file: ``alias``, ``alias-2``, ... or, without ``alias``, a
@@ -174,9 +172,7 @@ class TrustStore:
                 return self._cached[1]
             loaded = self._load_checked()
             if not loaded:
-                raise TrustError(
-                    "the backend trust store is empty, so no TLS server can be trusted", hint=_ADD_HINT
-                )
+                raise TrustError("the backend trust store is empty, so no TLS server can be trusted", hint=_ADD_HINT)
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
             context.minimum_version = ssl.TLSVersion.TLSv1_2
             context.verify_mode = ssl.CERT_REQUIRED

@@ -183,6 +183,39 @@ def _clean(text: str, limit: int = 300) -> str:
     return _HEADER_TEXT.sub("?", text)[:limit]
 
 
+class FrameGuard:
+    """Finds HTTP/2 frame headers in the byte stream and rejects an oversized frame at its header.
+
+    h2 buffers a whole frame (up to 16 MiB) before it checks the length against SETTINGS_MAX_FRAME_SIZE; this
+    guard refuses it as soon as the 9-byte header arrived, so a hostile peer cannot make us hold megabytes.
+    """
+
+    def __init__(self, preface_length: int, limit: int) -> None:
+        self._skip = preface_length  # bytes until the next frame header
+        self._header = bytearray()
+        self.limit = limit
+
+    def check(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if self._skip:
+                step = min(self._skip, len(view))
+                self._skip -= step
+                view = view[step:]
+                continue
+            need = 9 - len(self._header)
+            self._header += view[:need]
+            view = view[need:]
+            if len(self._header) == 9:
+                length = int.from_bytes(self._header[:3], "big")
+                if length > self.limit:
+                    raise TunnelProtocolError(
+                        f"tunnel peer broke HTTP/2: frame of {length} bytes announced, the limit is {self.limit}"
+                    )
+                self._header.clear()
+                self._skip = length
+
+
 class TunnelConnection:
     """One tunnel session's protocol state for either role (see module docstring)."""
 
@@ -194,6 +227,8 @@ class TunnelConnection:
         self._control_meta: dict[int, tuple[str, str] | int] = {}  # request (method, path) or answer status
         self._pending_data: dict[int, bytearray] = {}  # connector: data received on a CONNECT before accept
         self._pending_flow: dict[int, int] = {}  # ... and its flow-controlled length, acknowledged on delivery
+        # the connector (HTTP/2 server) first reads the 24-byte client preface, then frames
+        self._guard_frames = FrameGuard(24 if role is Role.CONNECTOR else 0, MAX_FRAME_SIZE)
 
     # -- set-up -------------------------------------------------------------------------------------------------
 
@@ -361,6 +396,7 @@ class TunnelConnection:
 
     def receive_data(self, data: bytes) -> list[Event]:
         """Feed bytes from the peer; returns tunnel events. Raises TunnelProtocolError on any violation."""
+        self._guard_frames.check(data)
         try:
             h2_events = self._h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:

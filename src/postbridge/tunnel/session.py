@@ -315,7 +315,9 @@ class TunnelSession(asyncio.Protocol):
         with contextlib.suppress(TunnelProtocolError):
             self.core.ping(payload)
         self._flush()
-        self._keepalive = self._loop.call_later(self.ping_interval, self._tick)
+        # wake up again at the next ping or exactly when the silence would reach dead_after, whichever is first
+        wait = max(0.05, min(self.ping_interval, self.dead_after - silent))
+        self._keepalive = self._loop.call_later(wait, self._tick)
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
