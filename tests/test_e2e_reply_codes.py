@@ -131,6 +131,18 @@ def test_bind_is_command_not_supported(stack: Stack, connected: Connector) -> No
         assert sock.recv(10)[1] == 7
 
 
+def test_unknown_address_type_is_address_type_not_supported(stack: Stack, connected: Connector) -> None:
+    sock = socket.create_connection((LOOPBACK, stack.socks_port), timeout=10)
+    with sock:
+        sock.sendall(b"\x05\x01\x02")
+        assert sock.recv(2) == b"\x05\x02"
+        user, password = b"acme/dc1", stack.secret.encode()
+        sock.sendall(b"\x01" + bytes([len(user)]) + user + bytes([len(password)]) + password)
+        assert sock.recv(2) == b"\x01\x00"
+        sock.sendall(b"\x05\x01\x00\x05\x7f\x00\x00\x01\x00\x19")  # ATYP 5 does not exist
+        assert sock.recv(10)[1] == 8
+
+
 def test_anonymous_clients_get_no_acceptable_method(stack: Stack) -> None:
     sock = socket.create_connection((LOOPBACK, stack.socks_port), timeout=10)
     with sock:
