@@ -177,9 +177,7 @@ def test_refusal_names_the_key_but_never_the_value(log: AuditLog) -> None:
 
 
 def test_harmless_keys_pass(log: AuditLog) -> None:
-    log.config_change(
-        action="trust-add", detail={"alias": "corp-root", "fingerprint": "ab:cd", "bypass": False}
-    )
+    log.config_change(action="trust-add", detail={"alias": "corp-root", "fingerprint": "ab:cd", "bypass": False})
     assert lines(log.path)[0]["detail"]["alias"] == "corp-root"  # type: ignore[index]
 
 

@@ -145,9 +145,7 @@ def test_file_is_private_and_readable_json(store: MappingStore) -> None:
     assert [p.name for p in store.path.parent.iterdir()] == ["mappings.json"]  # no temporary file left
 
 
-def test_write_is_atomic_old_file_survives_a_failed_write(
-    store: MappingStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_write_is_atomic_old_file_survives_a_failed_write(store: MappingStore, monkeypatch: pytest.MonkeyPatch) -> None:
     store.add(make())
     before = store.path.read_bytes()
 

@@ -53,9 +53,7 @@ class Outcome:
     peercert: dict[str, Any] | None = field(default=None)
 
 
-def handshake(
-    server_context: ssl.SSLContext, client_context: ssl.SSLContext, server_hostname: str
-) -> Outcome:
+def handshake(server_context: ssl.SSLContext, client_context: ssl.SSLContext, server_hostname: str) -> Outcome:
     """Connect over 127.0.0.1; the server sends b'hello' after its handshake and records the client cert."""
     outcome = Outcome()
     listener = socket.create_server(("127.0.0.1", 0))
@@ -170,9 +168,7 @@ def test_server_certificate_never_outlives_its_ca() -> None:
 
 
 @pytest.mark.parametrize("name", ["hub.test", "localhost", "127.0.0.1", "::1"])
-def test_server_certificate_verifies_in_real_handshake(
-    tmp_path: Path, ca: Any, server: Any, name: str
-) -> None:
+def test_server_certificate_verifies_in_real_handshake(tmp_path: Path, ca: Any, server: Any, name: str) -> None:
     outcome = handshake(server_context(tmp_path, *server), client_context(ca[1]), name)
     assert outcome.client_error is None, outcome.client_error
     assert outcome.received == b"hello"
