@@ -196,3 +196,52 @@ def test_no_secret_reaches_any_log(stack: Stack, line_server: int) -> None:
         json.loads(cli(stack.cloud_home, "cloud", "enroll", "acme", "--json").stdout)["token"]
     ).secret
     assert enrollment_secret not in text
+
+
+def test_enrolling_an_enrolled_home_again_needs_force(stack: Stack) -> None:
+    connector = stack.enroll("dc1")
+    token = json.loads(cli(stack.cloud_home, "cloud", "enroll", "acme", "--location", "dc2", "--json").stdout)["token"]
+    cloud = f"127.0.0.1:{stack.tunnel_port}"
+    refused = cli(connector.home, "connector", "enroll", "--cloud", cloud, "--token", token, check=False)
+    assert refused.returncode == 2
+    assert "already enrolled" in refused.stderr and "--force" in refused.stderr
+    cli(connector.home, "connector", "enroll", "--cloud", cloud, "--token", token, "--force")
+    assert json.loads((connector.home / "connector" / "identity.json").read_text())["location"] == "dc2"
+
+
+def test_revoked_connector_is_told_why(stack: Stack) -> None:
+    connector = stack.enroll("dc1")
+    certificates = stack.cloud_home / "cloud" / "certificates.json"
+    entries = json.loads(certificates.read_text())
+    for entry in entries.values():
+        entry["revoked"] = True
+    certificates.write_text(json.dumps(entries))
+    process = stack.start_connector(connector, wait=False)
+    deadline = time.monotonic() + 15
+    while "revoked or unknown" not in process.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "connector certificate is revoked or unknown to this hub - enroll the connector again" in process.log()
+
+
+def test_api_runs_a_connectors_availability_check(stack: Stack, line_server: int) -> None:
+    import httpx
+
+    connector = stack.enroll("dc1")
+    stack.map(connector, "svc.corp.example:25", f"127.0.0.1:{line_server}")
+    stack.start_connector(connector)
+    headers = {"authorization": f"Bearer {stack.token()}"}
+    url = f"{stack.api_url}/v1/locations/dc1/check"
+    answer = httpx.post(url, json={"virtual": "svc.corp.example:25"}, headers=headers, verify=stack.ca_context())
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["reachable"] is True
+    assert answer.json()["protocol_seen"] == "SMTP"
+    unmapped = httpx.post(url, json={"virtual": "nope.corp.example:25"}, headers=headers, verify=stack.ca_context())
+    assert unmapped.status_code == 404
+    assert "no mapping" in unmapped.json()["error"]
+
+
+def test_log_files_are_private(stack: Stack) -> None:
+    connector = stack.enroll("dc1")
+    stack.start_connector(connector)
+    for path in (stack.cloud_home / "cloud" / "hub.log", connector.home / "connector" / "trace.log"):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path

@@ -584,3 +584,23 @@ def test_clients_closing_early_leak_no_streams(
     assert process_of(connected).alive()
     for name, log in (("hub", stack.hub.log() if stack.hub else ""), ("connector", process_of(connected).log())):
         assert "Traceback" not in log, f"{name} log has a traceback:\n{log[-3000:]}"
+
+
+def test_hub_sigterm_drains_open_streams_before_closing(stack: Stack, connected: Connector, line_server: int) -> None:
+    """SIGTERM on the hub: running streams keep working during the drain; the hub then exits cleanly."""
+    stack.map(connected, "svc.corp.example:25", f"127.0.0.1:{line_server}")
+    reply, sock = socks_connect(stack.socks_port, "svc.corp.example", 25, "acme/dc1", stack.secret)
+    assert reply == 0
+    assert sock.recv(100).startswith(b"220 ")
+    sock.sendall(b"ECHO\r\n")
+    assert stack.hub is not None
+    stack.hub.signal(signal.SIGTERM)
+    time.sleep(0.5)
+    for round_trip in range(5):  # the stream outlives the start of the shutdown
+        message = f"round {round_trip}".encode()
+        sock.sendall(message)
+        assert sock.recv(100) == message
+        time.sleep(0.2)
+    sock.close()  # the last stream ends: the hub may finish now
+    assert stack.hub.popen.wait(15) == 0
+    assert "draining 1 tunnel(s) with 1 open stream(s)" in stack.hub.log()

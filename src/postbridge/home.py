@@ -7,7 +7,8 @@ same folder, fsync, rename), so a crash never leaves a half-written configuratio
 Layout::
 
     HOME/cloud/       hub CA, server certificate, subaccounts, enrollment tokens, issued connector certificates
-    HOME/connector/   connector key and certificate, hub CA, identity, mappings, backend trust store, logs
+    HOME/connector/   connector key and certificate, hub CA, identity, mappings, backend trust store,
+                      audit.log (JSON lines) and trace.log
 """
 
 from __future__ import annotations

@@ -1,13 +1,19 @@
 """A private Dovecot (Debian's 2.3) on free loopback ports: IMAP + STARTTLS, IMAPS, POP3 + STLS, POP3S.
 
 Owns: writing a self-contained configuration into a folder (runtime, state, log and maildirs all inside it),
-starting `dovecot -F -c CONF`, waiting until every port greets, seeding mail straight into a maildir, and
-stopping the master process again.
+starting `dovecot -F -c CONF`, waiting until every port greets, seeding mail straight into a maildir, waiting
+for mail to arrive in one, and stopping the master process again.
 Must not: use or change the system Dovecot (/etc/dovecot, the system service), listen anywhere but loopback,
 or need SMTP to put mail into a mailbox.
 
 Users are alice:secret and bob:secret. Plaintext authentication is disabled (`disable_plaintext_auth = yes`),
-TLS is offered on the plain ports (STARTTLS / STLS) but not required for connecting.
+TLS is offered on the plain ports (STARTTLS / STLS) but not required for connecting. Mechanisms: PLAIN, LOGIN
+and CRAM-MD5 (passwords are stored in the clear, so CRAM-MD5 works).
+
+For a Postfix in front of it (tests/servers/postfix.py) there are two unix sockets inside the private runtime
+folder, never a port: `auth_socket` (Dovecot SASL for smtpd) and `lmtp_socket` (LMTP delivery into the same
+maildirs IMAP and POP3 read; LMTP recipients may carry a domain: bob@corp.example is user bob). LMTP needs
+Debian's dovecot-lmtpd; without it `lmtp_socket` is None and everything else works as before.
 
 Dovecot treats a connection whose client address equals its local address as secure, so listening on
 127.0.0.1 (the default) it still allows LOGIN without TLS from 127.0.0.1. With `require_tls_login=True` it
@@ -18,7 +24,9 @@ Always connect to `Dovecot.host`, never to a hard-coded address.
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import shutil
 import signal
 import stat
@@ -29,10 +37,12 @@ import uuid
 from pathlib import Path
 from types import TracebackType
 
-from . import LOOPBACK, find_executable, free_ports, wait_for_port
+from . import LOOPBACK, find_executable, free_ports, server_missing, wait_for_port
 from .pki import TestPki, make_test_pki
 
 DOVECOT_CANDIDATES = ("/usr/sbin/dovecot",)
+LMTP_BINARY = Path("/usr/lib/dovecot/lmtp")  # Debian's dovecot-lmtpd
+SOCKET_USER = "postfix"  # when this user exists (and we are root), the two sockets belong to it
 STRICT_LOOPBACK = "127.0.0.2"  # listen here so that Dovecot sees 127.0.0.1 clients as not secure
 # Dovecot refuses uid 0 for mail access: as root, mail belongs to nobody; otherwise to the current user.
 MAIL_UID = 65534 if os.geteuid() == 0 else os.getuid()
@@ -47,6 +57,8 @@ class Dovecot:
 
     start() raises RuntimeError when a port does not greet within 10 s or the process exits early (the
     message quotes the end of its log), and skips the test (fails it with CI=true) when Dovecot is missing.
+    `lmtp=True` insists on the LMTP socket (skip/fail when dovecot-lmtpd is missing), `lmtp=False` leaves it
+    out, the default None offers it when dovecot-lmtpd is installed.
     """
 
     def __init__(
@@ -56,6 +68,7 @@ class Dovecot:
         users: dict[str, str] | None = None,
         *,
         require_tls_login: bool = False,
+        lmtp: bool | None = None,
     ) -> None:
         # Dovecot's unprivileged processes (auth as 'dovecot', mail as uid 65534) must reach the folder, so by
         # default it is a fresh world-traversable folder in the system temp dir (pytest's tmp_path is not:
@@ -73,6 +86,8 @@ class Dovecot:
         self.config_path = self.folder / "dovecot.conf"
         self.log_path = self.folder / "dovecot.log"
         self.mail_root = self.folder / "mail"
+        # LMTP: None means "when dovecot-lmtpd is installed", so older machines keep working without it.
+        self.lmtp_enabled = LMTP_BINARY.exists() if lmtp is None else lmtp
         self._process: subprocess.Popen[bytes] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -80,6 +95,8 @@ class Dovecot:
     def start(self) -> Dovecot:
         """Write the configuration, start Dovecot and wait until all four ports greet."""
         binary = find_executable("dovecot", DOVECOT_CANDIDATES)
+        if self.lmtp_enabled and not LMTP_BINARY.exists():
+            server_missing(f"Dovecot's LMTP server {LMTP_BINARY} is missing (Debian package dovecot-lmtpd)")
         self._write_config()
         with (self.folder / "dovecot.stderr").open("wb") as stderr:  # the child keeps its own copy
             self._process = subprocess.Popen(
@@ -119,6 +136,18 @@ class Dovecot:
     ) -> None:
         self.stop()
 
+    # -- sockets for an MTA ------------------------------------------------------------------------------
+
+    @property
+    def auth_socket(self) -> Path:
+        """The unix socket of Dovecot's SASL service for an MTA (Postfix `smtpd_sasl_type = dovecot`)."""
+        return self.folder / "run" / "auth-mta"
+
+    @property
+    def lmtp_socket(self) -> Path | None:
+        """The unix socket of Dovecot's LMTP service (None when LMTP is not enabled)."""
+        return self.folder / "run" / "lmtp-mta" if self.lmtp_enabled else None
+
     # -- mail --------------------------------------------------------------------------------------------
 
     def maildir(self, user: str) -> Path:
@@ -142,6 +171,46 @@ class Dovecot:
         final = maildir / "new" / name
         staging.rename(final)  # atomic within the maildir, as the maildir spec asks
         return final
+
+    def find_message(self, user: str, subject: str) -> Path | None:
+        """The file of a message in `user`'s INBOX (new/ or cur/) whose Subject header is `subject`, or None.
+
+        Raises KeyError for an unknown user.
+        """
+        maildir = self.maildir(user)
+        wanted = f"subject: {subject}".lower().encode()
+        for sub in ("new", "cur"):
+            try:
+                candidates = sorted((maildir / sub).iterdir())
+            except FileNotFoundError:
+                continue
+            for path in candidates:
+                try:
+                    header = path.read_bytes().split(b"\n\n", 1)[0]
+                except FileNotFoundError:  # moved from new/ to cur/ by a reader meanwhile
+                    continue
+                if any(line.rstrip(b"\r").lower() == wanted for line in header.split(b"\n")):
+                    return path
+        return None
+
+    def wait_for_message(self, user: str, subject: str, timeout: float = 10.0) -> Path:
+        """Wait until a message with Subject `subject` is in `user`'s INBOX; return its file.
+
+        Raises KeyError for an unknown user, TimeoutError (quoting the end of the log) when none arrives in
+        time.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.find_message(user, subject)
+            if found is not None:
+                return found
+            if time.monotonic() >= deadline:
+                tail = "\n".join(self.log_text.splitlines()[-10:])
+                raise TimeoutError(
+                    f"no message with subject {subject!r} arrived in {user}'s INBOX ({self.maildir(user)}) "
+                    f"within {timeout:.0f} s; last Dovecot log lines:\n{tail}"
+                )
+            time.sleep(0.02)
 
     @property
     def log_text(self) -> str:
@@ -168,6 +237,12 @@ class Dovecot:
                 wait_for_port(port, self.host, remaining, expect=greeting, tls=context, alive=self._alive)
             except TimeoutError as exc:
                 raise self._startup_failure(f"port {port} did not greet: {exc}") from exc
+        sockets = [self.auth_socket, *([self.lmtp_socket] if self.lmtp_socket is not None else [])]
+        while not all(path.is_socket() for path in sockets):
+            if time.monotonic() >= deadline or not self._alive():
+                missing = ", ".join(str(path) for path in sockets if not path.is_socket())
+                raise self._startup_failure(f"did not create its socket(s) {missing}")
+            time.sleep(0.02)
 
     def _startup_failure(self, what: str) -> Exception:
         process = self._process
@@ -196,6 +271,17 @@ class Dovecot:
                 self._make_owned_dir(self.mail_root / user / sub)
             self._chown(self.mail_root / user)
         users_file = folder / "users"
+        lmtp_config = ""
+        if self.lmtp_enabled:
+            lmtp_config = f"""service lmtp {{
+  unix_listener lmtp-mta {{
+{self._socket_owner()}  }}
+}}
+protocol lmtp {{
+  # Postfix hands over bob@corp.example; the passwd-file knows plain bob.
+  auth_username_format = %Ln
+}}
+"""
         users_file.write_text(
             "".join(
                 f"{user}:{{PLAIN}}{password}:{MAIL_UID}:{MAIL_GID}::{self.mail_root / user}\n"
@@ -209,13 +295,13 @@ state_dir = {folder}/state
 log_path = {self.log_path}
 info_log_path = {self.log_path}
 listen = {self.host}
-protocols = imap pop3
+protocols = imap pop3{" lmtp" if self.lmtp_enabled else ""}
 ssl = yes
 ssl_cert = <{self.pki.chain_pem}
 ssl_key = <{self.pki.key_pem}
 ssl_min_protocol = TLSv1.2
 disable_plaintext_auth = yes
-auth_mechanisms = plain login
+auth_mechanisms = plain login cram-md5
 # Tests log in wrongly on purpose: answer failures at once and never slow down 127.0.0.1 afterwards.
 auth_failure_delay = 0
 mail_location = maildir:{self.mail_root}/%u
@@ -234,7 +320,11 @@ service anvil {{
     mode = 0
   }}
 }}
-service imap-login {{
+service auth {{
+  unix_listener auth-mta {{
+{self._socket_owner()}  }}
+}}
+{lmtp_config}service imap-login {{
   inet_listener imap {{
     port = {self.imap_port}
   }}
@@ -254,6 +344,18 @@ service pop3-login {{
 }}
 """
         )
+
+    def _socket_owner(self) -> str:
+        """Listener settings: readable by the postfix user when there is one and we may chown, else owner-only."""
+        if os.geteuid() == 0:
+            try:
+                pwd.getpwnam(SOCKET_USER)
+                grp.getgrnam(SOCKET_USER)
+            except KeyError:
+                pass
+            else:
+                return f"    mode = 0660\n    user = {SOCKET_USER}\n    group = {SOCKET_USER}\n"
+        return "    mode = 0600\n"
 
 
 def _check_traversable(folder: Path) -> None:

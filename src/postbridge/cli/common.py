@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import logging.handlers
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -79,6 +80,8 @@ def setup_logging(level: str, log_file: Path | None = None) -> None:
     handlers: list[logging.Handler] = [stream]
     if log_file is not None:
         private_dir(log_file.parent)
+        log_file.touch(mode=0o600, exist_ok=True)
+        os.chmod(log_file, 0o600)  # logs name hosts and users: private like the rest of the home folder
         file_handler = logging.handlers.RotatingFileHandler(log_file, maxBytes=10 * 1024 * 1024, backupCount=5)
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handlers.append(file_handler)

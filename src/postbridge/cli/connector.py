@@ -50,13 +50,14 @@ def enroll(
     egress_proxy: Annotated[
         str, typer.Option(help="HTTP CONNECT proxy to reach the hub, e.g. http://proxy:3128.")
     ] = "",
+    force: Annotated[bool, typer.Option(help="Replace an existing enrollment in this home folder.")] = False,
 ) -> None:
     """Create a key, get a certificate from the hub (bound to one subaccount and location ID) and store it."""
 
     async def body() -> None:
         state = _state(ctx)
         identity = await do_enroll(
-            state, parse_host_port(cloud, what="--cloud"), token, egress_proxy=egress_proxy or None
+            state, parse_host_port(cloud, what="--cloud"), token, egress_proxy=egress_proxy or None, force=force
         )
         console.print(
             f"[green]enrolled[/] as connector {identity.connector_id} for subaccount {identity.subaccount}, "
@@ -77,7 +78,7 @@ def renew(
 
     async def body() -> None:
         state = _state(ctx)
-        await do_renew(state, egress_proxy=egress_proxy or None)
+        await do_renew(state, egress_proxy=egress_proxy or None, actor="cli")
         console.print(
             f"[green]renewed[/]: certificate valid until {state.certificate().not_valid_after_utc:%Y-%m-%d %H:%M} UTC",
             highlight=False,

@@ -4,9 +4,10 @@
 * ``GET /v1/connectors``: the caller's subaccount's connected connectors by location, with their mappings
   (Bearer JWT from ``/oauth/token``).
 * ``GET /v1/locations/{location}/mappings``: the mappings the connectors of one location report (``-`` = default).
+* ``POST /v1/locations/{location}/check`` ``{"virtual": "host:port"}``: a connector's availability check of a mapping.
 * ``GET /healthz``.
 
-Read-only views: nothing here changes the hub. Errors are JSON ``{"error": ..., "hint": ...}`` with a 4xx status.
+Nothing here changes the hub or a connector. Errors are JSON ``{"error": ..., "hint": ...}`` with a 4xx status.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import json
 import logging
 from collections.abc import Generator
 from contextlib import AsyncExitStack
@@ -27,7 +29,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from postbridge.addresses import HostPort
-from postbridge.errors import AuthenticationError
+from postbridge.errors import AuthenticationError, PostbridgeError
 
 if TYPE_CHECKING:
     from postbridge.cloud.hub import Hub
@@ -92,6 +94,27 @@ def build_app(hub: Hub) -> Starlette:
         await asyncio.gather(*(hub.refresh_info(e, timeout=INFO_TIMEOUT) for e in entries))
         return JSONResponse({"location": location, "mappings": entries[0].info.get("mappings", [])})
 
+    async def check(request: Request) -> JSONResponse:
+        try:
+            subaccount = bearer(request)
+        except AuthenticationError as exc:
+            return _error(401, exc.message, exc.hint)
+        location = request.path_params["location"]
+        location = "" if location == "-" else location
+        entry = hub.registry.pick(subaccount, location)
+        if entry is None:
+            return _error(404, f"no connector connected at location {location!r}", "check the location ID")
+        try:
+            body = await request.json()
+            virtual = str(body["virtual"])
+        except (ValueError, KeyError, TypeError):
+            return _error(400, 'send a JSON object like {"virtual": "mail.corp.example:143"}')
+        try:
+            answer = await entry.session.control("POST", "/v1/check", json.dumps({"virtual": virtual}).encode())
+        except PostbridgeError as exc:
+            return _error(502, f"connector {entry.identity.connector_id} did not answer: {exc.message}", exc.hint)
+        return JSONResponse(json.loads(answer.body or b"{}"), status_code=answer.status)
+
     async def healthz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "connectors": len(hub.registry.all())})
 
@@ -100,6 +123,7 @@ def build_app(hub: Hub) -> Starlette:
             Route("/oauth/token", token, methods=["POST"]),
             Route("/v1/connectors", connectors, methods=["GET"]),
             Route("/v1/locations/{location}/mappings", mappings, methods=["GET"]),
+            Route("/v1/locations/{location}/check", check, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
         ]
     )

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import ssl
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +38,7 @@ class HubConfig:
     handshake_timeout: float = 10.0
     ping_interval: float = 10.0
     dead_after: float = 30.0
+    drain_grace: float = 10.0
 
 
 class Hub:
@@ -95,13 +95,15 @@ class Hub:
             transport.abort()
             return
         if self.state.certificate_revoked(serial):
+            refused = TunnelSession(Role.HUB, peer=acceptor.peer)
+            acceptor.hand_over(transport, refused)
+            refused.close("connector certificate is revoked or unknown to this hub - enroll the connector again")
             log.warning(
                 "tunnel from %s refused: certificate %x of connector %s is revoked or unknown",
                 acceptor.peer,
                 serial,
                 identity.connector_id,
             )
-            transport.abort()
             return
         session = TunnelSession(
             Role.HUB,
@@ -149,6 +151,8 @@ class Hub:
         )
         stack.push_async_callback(_close_server, tunnel_server)
         self.tunnel_address = _bound(tunnel_server, self.config.tunnel_listen)
+        # exit runs in reverse: API, then the SOCKS listener (no new clients), then draining the tunnels
+        stack.push_async_callback(self._shutdown_sessions)
         socks_server = await loop.create_server(
             lambda: SocksConnection(self, handshake_timeout=self.config.handshake_timeout),
             self.config.socks_listen.host,
@@ -157,7 +161,6 @@ class Hub:
         )
         stack.push_async_callback(_close_server, socks_server)
         self.socks_address = _bound(socks_server, self.config.socks_listen)
-        stack.push_async_callback(self._shutdown_sessions)
         if self.config.api_listen is not None:
             from postbridge.cloud.api import serve_api
 
@@ -170,21 +173,26 @@ class Hub:
         )
 
     async def _shutdown_sessions(self) -> None:
+        """Drain: no new streams, running ones get ``drain_grace`` seconds, then GOAWAY."""
         for task in list(self._tasks):
             task.cancel()
-        for entry in self.registry.all():
-            entry.session.close("hub is shutting down")
+        entries = self.registry.all()
+        if entries:
+            streams = sum(len(e.session.sinks) for e in entries)
+            log.info(
+                "draining %d tunnel(s) with %d open stream(s), up to %g s",
+                len(entries),
+                streams,
+                self.config.drain_grace,
+            )
+        await asyncio.gather(
+            *(e.session.shutdown("hub is shutting down", grace=self.config.drain_grace) for e in entries)
+        )
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    def api_ssl_context(self) -> ssl.SSLContext:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(str(self.state.server_chain_path), str(self.state.server_key_path))
-        return context
 
     def token_for(self, client_id: str, secret: str) -> tuple[str, int]:
         subaccount = self.state.verify_client(client_id, secret)

@@ -258,7 +258,7 @@ class Connector:
         while not stop.is_set():
             try:
                 if pki.remaining_lifetime_fraction(self.state.certificate()) < RENEW_BELOW:
-                    await enrollment.renew(self.state, egress_proxy=self.config.egress_proxy)
+                    await enrollment.renew(self.state, cloud=self.cloud, egress_proxy=self.config.egress_proxy)
             except PostbridgeError as exc:
                 log.error("certificate renewal failed, will retry in 10 minutes: %s", exc)
                 await asyncio.sleep(600)

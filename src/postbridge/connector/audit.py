@@ -39,7 +39,7 @@ _SECRET_KEY = re.compile(
 
 
 class AuditLog:
-    """Append-only JSON-lines audit log at ``path`` (normally ``HOME/connector/logs/audit.log``)."""
+    """Append-only JSON-lines audit log at ``path`` (normally ``HOME/connector/audit.log``)."""
 
     def __init__(self, path: Path, *, max_bytes: int = MAX_BYTES, backups: int = BACKUPS) -> None:
         if max_bytes <= 0 or backups < 1:

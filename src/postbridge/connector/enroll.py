@@ -26,7 +26,14 @@ from python_socks.async_.asyncio import Proxy
 from postbridge.addresses import HostPort
 from postbridge.cloud.state import EnrollmentToken
 from postbridge.connector.state import ALPN_ENROLL, ConnectorState
-from postbridge.errors import AuthenticationError, NetworkError, PostbridgeTimeout, ProtocolError, TrustError
+from postbridge.errors import (
+    AuthenticationError,
+    ConfigurationError,
+    NetworkError,
+    PostbridgeTimeout,
+    ProtocolError,
+    TrustError,
+)
 from postbridge.trust import pki
 
 log = logging.getLogger("postbridge.connector")
@@ -90,8 +97,9 @@ async def _exchange(
             hint="use the host name the hub's certificate was made for ('postbridge cloud init --hostname')",
         ) from exc
     except (ssl.SSLError, OSError) as exc:
+        detail = str(exc) or type(exc).__name__
         raise NetworkError(
-            f"TLS with the hub at {cloud} failed: {exc}", hint="is HOST:PORT the hub's tunnel port?"
+            f"TLS with the hub at {cloud} failed: {detail}", hint="is HOST:PORT the hub's tunnel port?"
         ) from exc
     try:
         answer: dict[str, Any] = json.loads(line)
@@ -122,10 +130,23 @@ def _verified_context(ca_pem: str) -> ssl.SSLContext:
 
 
 async def enroll(
-    state: ConnectorState, cloud: HostPort, token_text: str, *, egress_proxy: str | None = None, timeout: float = 15.0
+    state: ConnectorState,
+    cloud: HostPort,
+    token_text: str,
+    *,
+    egress_proxy: str | None = None,
+    timeout: float = 15.0,
+    force: bool = False,
 ) -> pki.ConnectorIdentity:
     """Enroll this connector; returns its identity. Raises a PostbridgeError naming the cause on any failure."""
     token = EnrollmentToken.decode(token_text)
+    if state.enrolled and not force:
+        current = state.enrollment().identity
+        raise ConfigurationError(
+            f"this home folder is already enrolled as connector {current.connector_id} (subaccount "
+            f"{current.subaccount}, location '{current.location}')",
+            hint="use another --home for a second connector, or pass --force to replace this enrollment",
+        )
     answer = await _exchange(cloud, _unverified_context(), {"op": "ca"}, egress_proxy, timeout)
     ca_pem = str(answer.get("ca", ""))
     ca = pki.load_certificates(ca_pem.encode(), source=f"CA sent by {cloud}")[0]
@@ -153,16 +174,27 @@ async def enroll(
     return identity
 
 
-async def renew(state: ConnectorState, *, egress_proxy: str | None = None, timeout: float = 15.0) -> None:
-    """Replace the connector's key and certificate with fresh ones, authenticated by the current certificate."""
+async def renew(
+    state: ConnectorState,
+    *,
+    cloud: HostPort | None = None,
+    egress_proxy: str | None = None,
+    timeout: float = 15.0,
+    actor: str = "connector",
+) -> None:
+    """Replace the connector's key and certificate with fresh ones, authenticated by the current certificate.
+
+    ``cloud`` overrides the hub address stored at enrollment (as ``connector run --cloud`` does).
+    """
     enrollment = state.enrollment()
+    target = cloud or enrollment.cloud
     context = state.tunnel_context(ALPN_ENROLL)
     key = pki.generate_key()
     csr = pki.build_csr(key, "postbridge connector")
-    answer = await _exchange(enrollment.cloud, context, {"op": "renew", "csr": csr.decode()}, egress_proxy, timeout)
+    answer = await _exchange(target, context, {"op": "renew", "csr": csr.decode()}, egress_proxy, timeout)
     cert_pem = str(answer["certificate"]).encode()
     state.save(enrollment.identity, enrollment.cloud, pki.key_pem(key), cert_pem, state.hub_ca_path.read_bytes())
     log.info("certificate renewed; valid until %s", state.certificate().not_valid_after_utc.isoformat())
     state.audit.config_change(
-        action="renew-certificate", detail={"connector_id": enrollment.identity.connector_id}, actor="connector"
+        action="renew-certificate", detail={"connector_id": enrollment.identity.connector_id}, actor=actor
     )

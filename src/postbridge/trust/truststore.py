@@ -160,6 +160,10 @@ class TrustStore:
             ) from exc
         return target
 
+    def pem_bundle(self) -> str:
+        """All certificates of the store as one PEM text ("" when empty). Raises TrustError for unreadable files."""
+        return "".join(item.pem for item in self._load_checked())
+
     def ssl_context(self) -> ssl.SSLContext:
         """A TLS client context (TLS >= 1.2, certificate and host name required) trusting only this store.
 

@@ -97,7 +97,8 @@ class StreamBridge(asyncio.Protocol):
         self._local_eof = True
         if self.started:
             self._pump()
-        return True  # keep the socket open for the other direction (ignored for TLS transports)
+        # keep a plain socket open for the other direction; TLS transports cannot half-close (asyncio warns if asked)
+        return self.transport is not None and self.transport.get_extra_info("sslcontext") is None
 
     def pause_writing(self) -> None:
         self._write_paused = True

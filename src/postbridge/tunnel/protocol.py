@@ -180,6 +180,8 @@ _HEADER_TEXT = re.compile(r"[^\x20-\x7e]")
 
 
 def _clean(text: str, limit: int = 300) -> str:
+    """Header-safe text: typographic dashes and quotes become ASCII, anything else unprintable '?'."""
+    text = text.replace("\u2014", "-").replace("\u2013", "-").replace("\u2018", "'").replace("\u2019", "'")
     return _HEADER_TEXT.sub("?", text)[:limit]
 
 

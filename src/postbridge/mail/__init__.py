@@ -1,0 +1,1 @@
+"""mail room: the mail adapter (connection, IMAP, POP3, SMTP, protections, polling)."""
