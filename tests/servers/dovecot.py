@@ -8,7 +8,8 @@ or need SMTP to put mail into a mailbox.
 
 Users are alice:secret and bob:secret. Plaintext authentication is disabled (`disable_plaintext_auth = yes`),
 TLS is offered on the plain ports (STARTTLS / STLS) but not required for connecting. Mechanisms: PLAIN, LOGIN
-and CRAM-MD5 (passwords are stored in the clear, so CRAM-MD5 works).
+and CRAM-MD5 (passwords are stored in the clear, so CRAM-MD5 works) - except with `require_tls_login=True`,
+which leaves CRAM-MD5 out unless asked for: Dovecot offers it before TLS, so a client could log in without TLS.
 
 For a Postfix in front of it (tests/servers/postfix.py) there are two unix sockets inside the private runtime
 folder, never a port: `auth_socket` (Dovecot SASL for smtpd) and `lmtp_socket` (LMTP delivery into the same
@@ -58,7 +59,8 @@ class Dovecot:
     start() raises RuntimeError when a port does not greet within 10 s or the process exits early (the
     message quotes the end of its log), and skips the test (fails it with CI=true) when Dovecot is missing.
     `lmtp=True` insists on the LMTP socket (skip/fail when dovecot-lmtpd is missing), `lmtp=False` leaves it
-    out, the default None offers it when dovecot-lmtpd is installed.
+    out, the default None offers it when dovecot-lmtpd is installed. `cram_md5` switches CRAM-MD5 on or off; the
+    default None offers it unless `require_tls_login` is set.
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class Dovecot:
         *,
         require_tls_login: bool = False,
         lmtp: bool | None = None,
+        cram_md5: bool | None = None,
     ) -> None:
         # Dovecot's unprivileged processes (auth as 'dovecot', mail as uid 65534) must reach the folder, so by
         # default it is a fresh world-traversable folder in the system temp dir (pytest's tmp_path is not:
@@ -88,6 +91,9 @@ class Dovecot:
         self.mail_root = self.folder / "mail"
         # LMTP: None means "when dovecot-lmtpd is installed", so older machines keep working without it.
         self.lmtp_enabled = LMTP_BINARY.exists() if lmtp is None else lmtp
+        # CRAM-MD5 is no plaintext mechanism, so disable_plaintext_auth allows it before TLS: off by default
+        # where the point is that no login works without TLS.
+        self.cram_md5 = not require_tls_login if cram_md5 is None else cram_md5
         self._process: subprocess.Popen[bytes] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -301,7 +307,7 @@ ssl_cert = <{self.pki.chain_pem}
 ssl_key = <{self.pki.key_pem}
 ssl_min_protocol = TLSv1.2
 disable_plaintext_auth = yes
-auth_mechanisms = plain login cram-md5
+auth_mechanisms = plain login{" cram-md5" if self.cram_md5 else ""}
 # Tests log in wrongly on purpose: answer failures at once and never slow down 127.0.0.1 afterwards.
 auth_failure_delay = 0
 mail_location = maildir:{self.mail_root}/%u

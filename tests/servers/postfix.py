@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import os
 import pwd
+import select
 import shutil
 import signal
+import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -42,6 +45,7 @@ MAIL_OWNER = "postfix"
 HOSTNAME = "mail.corp.example"
 DOMAIN = "corp.example"
 START_TIMEOUT = 10.0
+COMMAND_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
 
 
@@ -54,12 +58,13 @@ class Postfix:
     """
 
     def __init__(self, dovecot: Dovecot, folder: Path | None = None, pki: TestPki | None = None) -> None:
-        # Postfix's unprivileged daemons reach into the queue folder, and Postfix wants every directory above
-        # its queue owned by root: a fresh folder in the system temp dir fits, pytest's tmp_path (0700) not.
+        # Postfix's unprivileged daemons (user 'postfix') work inside the queue folder, so by default it is a
+        # fresh world-searchable folder in the system temp dir (pytest's tmp_path is not), removed by stop().
         self._owns_folder = folder is None
         self.folder = Path(tempfile.mkdtemp(prefix="postbridge-postfix-")) if folder is None else folder
         self.folder.mkdir(parents=True, exist_ok=True)
         os.chmod(self.folder, 0o755)
+        _check_reachable(self.folder)
         self.dovecot = dovecot
         self.pki: TestPki = pki if pki is not None else dovecot.pki
         self.host = LOOPBACK
@@ -77,35 +82,23 @@ class Postfix:
 
     def start(self) -> Postfix:
         """Write the configuration, create the queue, start the master and wait until all ports greet 220."""
-        postfix = find_executable("postfix", POSTFIX_CANDIDATES)
-        master = find_executable("master", MASTER_CANDIDATES)
-        self._check_prerequisites()
-        self._write_config()
-        # `check` creates the missing queue and data directories with Postfix's own owners and modes (the
-        # same step `postfix start` runs) and fails on a configuration it cannot use.
-        check = subprocess.run(
-            [str(postfix), "-c", str(self.config_dir), "check"],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        if check.returncode != 0:
-            raise RuntimeError(
-                f"'postfix -c {self.config_dir} check' failed (exit {check.returncode}): "
-                f"{(check.stderr + check.stdout).strip()[-2000:]}"
-            )
-        with self._stderr_path.open("wb") as stderr:  # the child keeps its own copy
-            self._process = subprocess.Popen(
-                [str(master), "-c", str(self.config_dir), "-s"],
-                stdin=subprocess.DEVNULL,
-                stdout=stderr,
-                stderr=stderr,
-            )
         try:
+            postfix = find_executable("postfix", POSTFIX_CANDIDATES)
+            master = find_executable("master", MASTER_CANDIDATES)
+            self._check_prerequisites()
+            self._write_config()
+            # `check` creates the missing queue and data directories with Postfix's own owners and modes (the
+            # same step `postfix start` runs) and fails on a configuration it cannot use.
+            self._run_postfix_command(postfix, "check")
+            with self._stderr_path.open("wb") as stderr:  # the child keeps its own copy
+                self._process = subprocess.Popen(
+                    [str(master), "-c", str(self.config_dir), "-s"],
+                    stdin=subprocess.DEVNULL,
+                    stdout=stderr,
+                    stderr=stderr,
+                )
             self._wait_until_ready()
-        except BaseException:
+        except BaseException:  # also pytest's skip: leave no process and no folder behind
             self.stop()
             raise
         return self
@@ -121,7 +114,7 @@ class Postfix:
                 process.kill()
                 process.wait(STOP_TIMEOUT)
         if self._owns_folder:
-            pass  # DEBUG shutil.rmtree(self.folder, ignore_errors=True)
+            shutil.rmtree(self.folder, ignore_errors=True)
 
     def _alive(self) -> bool:
         return self._process is not None and self._process.poll() is None
@@ -174,6 +167,31 @@ class Postfix:
             if not path.is_socket():
                 raise RuntimeError(f"Dovecot socket {path} does not exist - start the Dovecot before the Postfix")
 
+    def _run_postfix_command(self, postfix: Path, *args: str) -> None:
+        """Run `postfix -c DIR ARGS`; raise RuntimeError quoting its complaint when it fails.
+
+        Postfix commands write their complaints to stderr only when it is a terminal (else to syslog, which a
+        test machine may not have), so stderr is a pseudo-terminal here.
+        """
+        command = [str(postfix), "-c", str(self.config_dir), *args]
+        reader, writer = os.openpty()
+        try:
+            with open(writer, "wb", closefd=True) as terminal:
+                process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal)
+            output = _drain(reader, deadline=time.monotonic() + COMMAND_TIMEOUT)  # while it writes: no deadlock
+        finally:
+            os.close(reader)
+        try:
+            returncode = process.wait(max(0.1, COMMAND_TIMEOUT))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            returncode = -signal.SIGKILL
+        if returncode != 0:
+            raise RuntimeError(
+                f"'{' '.join(command)}' failed (exit {returncode}): {output.strip()[-2000:] or 'no output'}"
+            )
+
     def _wait_until_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT
         tls = self.pki.client_context()
@@ -186,16 +204,31 @@ class Postfix:
 
     def _startup_failure(self, what: str) -> Exception:
         stderr = self._stderr_path.read_text(errors="replace") if self._stderr_path.exists() else ""
-        tail = "\n".join((stderr + self.log_text).splitlines()[-20:])
-        state = "running" if self._alive() else "exited"
+        tail = "\n".join((stderr + self.log_text).splitlines()[-20:]) or "(none)"
+        if self._alive():
+            state = "running"
+        else:
+            # The master reports start-up errors (such as a port it cannot bind) to syslog only, which a test
+            # machine may lack: name the likeliest cause ourselves.
+            busy = [port for port in (self.smtp_port, self.submission_port, self.smtps_port) if _port_taken(port)]
+            state = "exited" + (f" - port(s) {busy} are taken by another process, run the test again" if busy else "")
         return RuntimeError(f"Postfix ({self.config_dir}) {what}; master {state}; last log lines:\n{tail}")
 
     def _write_config(self) -> None:
         self.config_dir.mkdir(parents=True, exist_ok=True)
+        self.queue_dir.mkdir(mode=0o755, exist_ok=True)  # Postfix makes what is inside, owned by 'postfix'
         recipients = self.config_dir / "virtual_mailboxes"
-        recipients.write_text("".join(f"{self.address(user)} {user}/\n" for user in self.dovecot.users))
-        (self.config_dir / "main.cf").write_text(self._main_cf(recipients))
-        (self.config_dir / "master.cf").write_text(self._master_cf())
+        files = {
+            recipients: "".join(f"{self.address(user)} {user}/\n" for user in self.dovecot.users),
+            self.config_dir / "main.cf": self._main_cf(recipients),
+            self.config_dir / "master.cf": self._master_cf(),
+        }
+        # Postfix re-reads a file changed within the last second every 300 ms until it is older (it may be in
+        # the middle of an edit), which costs about 2 s per start: date the files a minute back.
+        settled = time.time() - 60
+        for path, text in files.items():
+            path.write_text(text)
+            os.utime(path, (settled, settled))
 
     def _main_cf(self, recipients: Path) -> str:
         never = "error:5.7.1 this test Postfix never sends mail off the machine"
@@ -205,6 +238,7 @@ queue_directory = {self.queue_dir}
 data_directory = {self.data_dir}
 mail_owner = {MAIL_OWNER}
 maillog_file = {self.log_path}
+maillog_file_prefixes = {self.folder}
 myhostname = {self.hostname}
 mydomain = {self.domain}
 myorigin = $mydomain
@@ -289,3 +323,41 @@ anvil unix - - n - 1 anvil
 scache unix - - n - 1 scache
 postlog unix-dgram n - n - 1 postlogd
 """
+
+
+def _check_reachable(folder: Path) -> None:
+    """Raise ValueError when some directory above `folder` is closed to Postfix's unprivileged daemons."""
+    for path in (folder.resolve(), *folder.resolve().parents):
+        if not os.stat(path).st_mode & stat.S_IXOTH:
+            raise ValueError(
+                f"Postfix folder {folder} is not reachable by the 'postfix' user: {path} is not searchable by "
+                "other users - pass folder=None to get a suitable temporary folder"
+            )
+
+
+def _port_taken(port: int, host: str = LOOPBACK) -> bool:
+    """True when `host:port` cannot be bound right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _drain(reader: int, deadline: float) -> str:
+    """Everything written to the pseudo-terminal whose reading end is `reader`, until every writer has closed
+    it or `deadline` (time.monotonic()) passes."""
+    chunks: list[bytes] = []
+    while (remaining := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([reader], [], [], remaining)
+        if not ready:
+            break
+        try:
+            chunk = os.read(reader, 65536)
+        except OSError:  # EIO: every writer has closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace").replace("\r\n", "\n")
