@@ -1,0 +1,1 @@
+"""Benchmarks for postbridge (run them as scripts, e.g. ``python bench/tunnel.py``); not part of the package."""
