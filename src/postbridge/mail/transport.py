@@ -1,0 +1,208 @@
+"""Opening the byte stream of a mail channel: TCP directly or through the hub's SOCKS5 proxy, and TLS.
+
+* ``connect(settings)``: a connected, blocking socket with the channel's timeout; for ``on-premise`` it goes through
+  the SOCKS5 proxy named in the binding (RFC 1929, user ``<subaccount>/<location>``), and a refusal becomes a
+  :class:`MailConnectError` that knows the SOCKS5 reply and says what to change.
+* ``tls_context(settings)``: verifies the chain (keystore roots and intermediates, optionally the system store) and
+  the host name, TLS 1.2 minimum.
+* ``wrap(sock, settings)``: the TLS handshake with SNI, failures explained (unknown CA, wrong name, expired, old TLS).
+* ``unread_bytes(reader, sock)``: what a server sent beyond the last answer, so that STARTTLS can refuse
+  pre-handshake injection instead of silently dropping it.
+
+The protocol clients (IMAP, POP3, SMTP) use these; this module must not speak a mail protocol.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import ssl
+
+from python_socks import ProxyConnectionError, ProxyError, ProxyTimeoutError, ProxyType
+from python_socks.sync import Proxy as SocksProxy
+
+from postbridge.errors import NetworkError, PostbridgeTimeout, TrustError
+from postbridge.mail.settings import ChannelSettings, Proxy
+from postbridge.trust.truststore import TrustStore
+
+# SOCKS5 reply -> (the words Java and other clients show, what it means for a mail channel)
+SOCKS_DIAGNOSES: dict[int, tuple[str, str]] = {
+    1: ("general failure", "the connector could not complete the connection (TLS to the internal host failed?)"),
+    2: ("Connection not allowed by ruleset", "no mapping for exactly this virtual host:port at this location"),
+    3: ("Network unreachable", "no connector is connected for this subaccount and location ID"),
+    4: ("Host unreachable", "the connector could not reach the internal host"),
+    5: ("Connection refused", "the hub refused the credentials in the binding (or the location)"),
+}
+
+
+class MailConnectError(NetworkError):
+    """The channel's connection could not be opened; ``socks_reply`` is set when the hub refused it."""
+
+    def __init__(self, message: str, *, socks_reply: int | None = None, hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.socks_reply = socks_reply
+
+
+def connect(settings: ChannelSettings) -> socket.socket:
+    """A connected blocking socket to the channel's address. Raises MailConnectError or PostbridgeTimeout."""
+    target = settings.address
+    if settings.proxy is Proxy.ON_PREMISE:
+        binding = settings.binding
+        assert binding is not None  # ChannelSettings guarantees it
+        user = f"{binding.subaccount}/{settings.location_id}" if settings.location_id else binding.subaccount
+        proxy = SocksProxy(
+            ProxyType.SOCKS5,
+            binding.socks.host,
+            binding.socks.port,
+            username=user,
+            password=binding.client_secret,
+            rdns=True,  # the virtual host is resolved by nobody but the connector's mapping
+        )
+        try:
+            sock = proxy.connect(target.host, target.port, timeout=settings.timeout)
+        except ProxyTimeoutError as exc:
+            raise PostbridgeTimeout(
+                f"the hub's SOCKS5 proxy {binding.socks} did not answer within {settings.timeout:g} s"
+            ) from exc
+        except ProxyConnectionError as exc:
+            raise MailConnectError(
+                f"cannot reach the hub's SOCKS5 proxy at {binding.socks}: {exc}",
+                hint="check the binding's proxy host and port and that 'postbridge cloud serve' runs",
+            ) from exc
+        except ProxyError as exc:
+            code = exc.error_code if isinstance(exc.error_code, int) else None
+            words, meaning = SOCKS_DIAGNOSES.get(code or 0, ("refused", "the hub refused the connection"))
+            where = f"location '{settings.location_id}'" if settings.location_id else "the default location"
+            raise MailConnectError(
+                f'SOCKS5 reply 0x{code or 0:02x} "{words}" for {target} at {where}: {meaning}',
+                socks_reply=code,
+                hint=_socks_hint(code, settings),
+            ) from exc
+        sock.settimeout(settings.timeout)
+        return sock
+    try:
+        return socket.create_connection((target.host, target.port), timeout=settings.timeout)
+    except TimeoutError as exc:
+        raise PostbridgeTimeout(f"no connection to {target} within {settings.timeout:g} s") from exc
+    except socket.gaierror as exc:
+        raise MailConnectError(f"cannot resolve '{target.host}': {exc.strerror}", hint="check the address") from exc
+    except OSError as exc:
+        raise MailConnectError(
+            f"cannot connect to {target}: {exc.strerror or exc}",
+            hint="is the server running, and is it reachable from here (proxy 'internet')?",
+        ) from exc
+
+
+def _socks_hint(code: int | None, settings: ChannelSettings) -> str:
+    if code == 2:
+        return (
+            f"add a mapping on the connector: 'postbridge connector mapping add {settings.address} --to HOST:PORT', "
+            "or use the virtual host and port that are mapped"
+        )
+    if code == 3:
+        return "check location_id against the connected connectors, and that the connector runs"
+    if code == 4:
+        return "run 'postbridge connector check' for this mapping on the connector and fix the internal address"
+    if code == 5:
+        return "use the binding printed by 'postbridge cloud binding' for this subaccount (secret and subaccount)"
+    if code == 1:
+        return "for a 'tcp-tls' mapping add the internal server's CA to the connector's truststore"
+    return ""
+
+
+def tls_context(settings: ChannelSettings) -> ssl.SSLContext:
+    """A verifying client context: keystore (roots + intermediates) and optionally the system store."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = True
+    context.verify_mode = ssl.CERT_REQUIRED
+    anchors = 0
+    if settings.keystore is not None:
+        bundle = TrustStore(settings.keystore).pem_bundle()
+        if bundle:
+            context.load_verify_locations(cadata=bundle)
+            context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # a stored intermediate is enough
+            anchors += 1
+    if settings.use_system_trust:
+        context.load_default_certs()
+        anchors += 1
+    if not anchors:
+        raise TrustError(
+            "no certificate is trusted for this channel (empty keystore and no system store)",
+            hint="add the server's root CA to the keystore, or set use_system_trust for public certificates",
+        )
+    return context
+
+
+def wrap(sock: socket.socket, settings: ChannelSettings, context: ssl.SSLContext | None = None) -> ssl.SSLSocket:
+    """TLS handshake on ``sock`` (SNI and host name = the channel's server name). Raises TrustError or NetworkError."""
+    context = context or tls_context(settings)
+    name = settings.server_name
+    try:
+        return context.wrap_socket(sock, server_hostname=name)
+    except ssl.SSLCertVerificationError as exc:
+        sock.close()
+        raise TrustError(
+            f"the certificate of {settings.address} is not trusted: {exc.verify_message}",
+            hint=_verify_hint(exc, name),
+        ) from exc
+    except ssl.SSLError as exc:
+        sock.close()
+        raise NetworkError(
+            f"TLS handshake with {settings.address} failed: {exc.reason or exc}", hint=_tls_hint(exc)
+        ) from exc
+    except TimeoutError as exc:
+        sock.close()
+        raise PostbridgeTimeout(
+            f"TLS handshake with {settings.address} did not finish within {settings.timeout:g} s"
+        ) from exc
+    except OSError as exc:
+        sock.close()
+        raise NetworkError(
+            f"the connection to {settings.address} was dropped during the TLS handshake ({exc.strerror or exc})",
+            hint="the server or mapping does not expect TLS here: for a 'tcp-tls' mapping use protection 'off'; "
+            "for a STARTTLS port use 'starttls-mandatory'",
+        ) from exc
+
+
+def _verify_hint(exc: ssl.SSLCertVerificationError, name: str) -> str:
+    code = exc.verify_code
+    if code in (18, 19, 20, 21):  # self-signed, self-signed in chain, unknown issuer, unable to verify leaf
+        return "add the server's root CA (and intermediates) to the keystore ('postbridge test ... --add-to-keystore')"
+    if code == 10:
+        return "the server's certificate has expired: the mail server's administrator must renew it"
+    if code == 9:
+        return "the server's certificate is not valid yet: check the clocks"
+    if code == 62:
+        return (
+            f"the certificate does not name '{name}': use the server's real name as virtual host, "
+            "or set tls_server_name to a name the certificate carries"
+        )
+    return "inspect the chain with 'openssl s_client -showcerts' and add the missing CA to the keystore"
+
+
+def _tls_hint(exc: ssl.SSLError) -> str:
+    reason = exc.reason or ""
+    if reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG"):
+        return "the server does not speak TLS on this port: use protection 'starttls-mandatory' for a plain port"
+    if "VERSION" in reason or "PROTOCOL" in reason:
+        return "the server offers only an old TLS version (TLS 1.2 or newer is required): update the server"
+    return ""
+
+
+def unread_bytes(reader: io.BufferedReader, sock: socket.socket) -> bytes:
+    """Bytes the server sent that nobody read yet (in the reader's buffer or the socket), without blocking."""
+    timeout = sock.gettimeout()
+    sock.settimeout(0.0)  # a peek on an empty buffer would otherwise wait for the server
+    try:
+        try:
+            buffered = reader.peek(1)
+        except (BlockingIOError, ssl.SSLWantReadError):
+            buffered = b""
+        try:
+            pending = sock.recv(4096, socket.MSG_PEEK)
+        except (BlockingIOError, ssl.SSLWantReadError):
+            pending = b""
+    finally:
+        sock.settimeout(timeout)
+    return bytes(buffered or b"") + pending
