@@ -94,6 +94,22 @@ class HubState:
         self.subaccounts_path = self.dir / "subaccounts.json"
         self.enrollments_path = self.dir / "enrollments.json"
         self.certificates_path = self.dir / "certificates.json"
+        self._cache: dict[Path, tuple[tuple[int, int, int], Any]] = {}
+
+    def _read(self, path: Path, default: Any) -> Any:
+        """JSON read with a cache keyed by the file's identity: every SOCKS5 login checks the subaccounts, and a
+        stat is far cheaper than reading and parsing. Atomic writes replace the inode, so changes are seen at once."""
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            return default
+        stamp = (info.st_mtime_ns, info.st_size, info.st_ino)
+        cached = self._cache.get(path)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        value = read_json(path, default)
+        self._cache[path] = (stamp, value)
+        return value
 
     # -- initialisation -----------------------------------------------------------------------------------------
 
@@ -130,8 +146,9 @@ class HubState:
             )
 
     def settings(self) -> dict[str, Any]:
-        self._require()
-        value: dict[str, Any] = read_json(self.settings_path, {})
+        value: dict[str, Any] = self._read(self.settings_path, None)
+        if value is None or not self.ca_cert_path.exists():
+            self._require()
         return value
 
     def ca(self) -> tuple[CertificateIssuerPrivateKeyTypes, x509.Certificate]:
@@ -171,8 +188,8 @@ class HubState:
         return name, secret
 
     def subaccounts(self) -> dict[str, Any]:
-        self._require()
-        value: dict[str, Any] = read_json(self.subaccounts_path, {}) or {}
+        self.settings()  # raises HomeError when the hub was never initialised
+        value: dict[str, Any] = self._read(self.subaccounts_path, {}) or {}
         return value
 
     def verify_client(self, client_id: str, secret: str) -> str:

@@ -125,7 +125,7 @@ class Connector:
             transport.close()  # the cloud client gave up while we were connecting
             return
         early, flow = session.accept(event.stream_id)
-        log.info(
+        log.debug(
             "Access Allowed: %s -> %s (%s) connected in %.1f ms (trace %s)",
             event.target,
             mapping.internal,

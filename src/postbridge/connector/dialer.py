@@ -15,6 +15,7 @@ read or write application bytes, retry on its own, or put anything secret into m
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 import ssl
 from collections.abc import Callable
@@ -113,6 +114,11 @@ async def open_backend(
 
 
 async def _resolve(loop: asyncio.AbstractEventLoop, target: HostPort) -> list[Any]:
+    if target.is_ip:  # no resolver thread for an address literal (it costs a thread hop per connection)
+        address = ipaddress.ip_address(target.host)
+        if address.version == 6:
+            return [(socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (target.host, target.port, 0, 0))]
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (target.host, target.port))]
     try:
         infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:

@@ -162,7 +162,7 @@ class SocksConnection(StreamBridge):
         self._flush_socks()
         for event in self.socks.receive_data(b""):
             self._handle(event)
-        log.info("SOCKS5 %s -> %s (%s) trace %s: connected", self.client, self.target, self._who(), self.trace_id)
+        log.debug("SOCKS5 %s -> %s (%s) trace %s: connected", self.client, self.target, self._who(), self.trace_id)
         self.start()
 
     def tunnel_refused(self, reason: str, message: str) -> None:

@@ -31,6 +31,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import h2.stream
+import hyperframe.frame
 
 from postbridge.addresses import HostPort, parse_host_port
 from postbridge.errors import ConfigurationError, TunnelProtocolError
@@ -185,6 +186,38 @@ def _clean(text: str, limit: int = 300) -> str:
     return _HEADER_TEXT.sub("?", text)[:limit]
 
 
+def _short_data_repr(data: bytes | None) -> str:
+    """hyperframe's frame repr hex-encodes the whole payload before cutting it to 20 characters, and h2 builds that
+    repr for every received frame even when nothing logs it (a fifth of the hub's CPU at full speed)."""
+    if not data:
+        return "None"
+    return "<hex:" + bytes(data[:10]).hex() + ("..." if len(data) > 10 else "") + ">"
+
+
+if hasattr(hyperframe.frame, "_raw_data_repr"):
+    hyperframe.frame._raw_data_repr = _short_data_repr
+
+
+class _H2Connection(h2.connection.H2Connection):
+    """h2 counts open streams by walking every stream, on every new stream: O(n) per open, quadratic with thousands
+    of streams. The count is needed only against limits in the thousands, so a count at most 128 opens old is exact
+    enough; the walk (which also forgets closed streams) still runs every 128th time."""
+
+    _RESCAN_EVERY = 128
+
+    def __init__(self, config: h2.config.H2Configuration) -> None:
+        super().__init__(config=config)
+        self._counts: dict[int, int] = {}
+        self._count_calls: dict[int, int] = {}
+
+    def _open_streams(self, remainder: int) -> int:
+        calls = self._count_calls.get(remainder, 0)
+        self._count_calls[remainder] = calls + 1
+        if calls % self._RESCAN_EVERY == 0 or remainder not in self._counts:
+            self._counts[remainder] = super()._open_streams(remainder)
+        return self._counts[remainder]
+
+
 class FrameGuard:
     """Finds HTTP/2 frame headers in the byte stream and rejects an oversized frame at its header.
 
@@ -224,7 +257,7 @@ class TunnelConnection:
     def __init__(self, role: Role) -> None:
         self.role = role
         config = h2.config.H2Configuration(client_side=role is Role.HUB, header_encoding=None)
-        self._h2 = h2.connection.H2Connection(config=config)
+        self._h2 = _H2Connection(config=config)
         self._control: dict[int, bytearray] = {}  # control streams: body collected so far
         self._control_meta: dict[int, tuple[str, str] | int] = {}  # request (method, path) or answer status
         self._pending_data: dict[int, bytearray] = {}  # connector: data received on a CONNECT before accept
