@@ -213,6 +213,7 @@ class ImapSession:
         if typ != "OK":
             self.close()
             raise AuthenticationError(f"{settings.address} refused the login of '{credentials.user}': {_text(data)}")
+        imap._get_capabilities()  # servers announce more (UIDPLUS, MOVE, IDLE) once logged in
 
     def _dropped(self, when: str, exc: BaseException) -> NetworkError:
         settings = self.settings
@@ -360,3 +361,9 @@ def _scrub(text: str, secret: str) -> str:
         text = text.replace(secret, "***")
         text = text.replace(base64.b64encode(secret.encode()).decode(), "***")
     return text
+
+
+def append(session: ImapSession, folder: str, raw: bytes, flags: str = "") -> None:
+    """Store a message in a folder (used by tests, the lab and 'archive' targets)."""
+    typ, data = session.imap.append(_quote(folder), f"({flags})" if flags else None, None, raw)
+    session._check(typ, data, f"APPEND {folder}")

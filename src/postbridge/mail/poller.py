@@ -1,0 +1,204 @@
+"""Polling a mailbox without losing or duplicating mail: fetch, hand on, and only then post-process.
+
+For every message: ``BODY.PEEK[]`` (it stays unread) -> the handler accepts it (or raises) -> the state says
+``delivered`` -> post-processing (mark read, delete with ``UID EXPUNGE``, move with ``UID MOVE`` or COPY + \\Deleted +
+``UID EXPUNGE``) -> ``done``. A crash between two steps repeats only the step that did not finish. A message whose
+handler keeps failing is quarantined after ``max_attempts`` (moved to ``quarantine_folder``) and the rest flows on.
+A UIDVALIDITY change voids remembered UIDs; messages are then recognised by fingerprint (Message-ID, size, Date)
+instead of being replayed blindly.
+
+This module drives an :class:`ImapSession` or :class:`Pop3Session`; it must not open connections itself.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from email.parser import BytesHeaderParser
+from typing import Any
+
+from postbridge.errors import ConfigurationError, PostbridgeError
+from postbridge.mail.imap import ImapSession
+from postbridge.mail.state import PollState
+
+log = logging.getLogger("postbridge.mail.poller")
+
+
+class Selection(enum.StrEnum):
+    UNREAD = "unread"
+    ALL = "all"
+
+
+class PostProcessing(enum.StrEnum):
+    MARK_READ = "mark-read"
+    DELETE = "delete"
+    ARCHIVE = "archive"
+    ARCHIVE_AND_MARK_READ = "archive-and-mark-read"
+    KEEP = "keep"
+
+
+@dataclass(frozen=True)
+class SenderSettings:
+    """What to read from a mailbox and what to do with a message once it was handed on."""
+
+    folder: str = "INBOX"
+    selection: Selection = Selection.UNREAD
+    max_messages_per_poll: int = 100
+    post_processing: PostProcessing = PostProcessing.MARK_READ
+    archive_folder: str = "Archive"
+    quarantine_folder: str = "Quarantine"
+    max_message_size: int = 25 * 1024 * 1024
+    max_attempts: int = 5
+
+    def __post_init__(self) -> None:
+        if (
+            self.post_processing in (PostProcessing.ARCHIVE, PostProcessing.ARCHIVE_AND_MARK_READ)
+            and not self.archive_folder
+        ):
+            raise ConfigurationError("post-processing 'archive' needs archive_folder")
+        if self.max_messages_per_poll < 1 or self.max_attempts < 1:
+            raise ConfigurationError("max_messages_per_poll and max_attempts must be at least 1")
+
+
+@dataclass(frozen=True)
+class ReceivedMessage:
+    key: str
+    raw: bytes = field(repr=False)
+    size: int
+    mailbox: str
+    uid: int | None = None
+    uidl: str | None = None
+
+
+Handler = Callable[[ReceivedMessage], Any]  # raises to refuse the message (it will be retried)
+
+
+@dataclass
+class PollReport:
+    seen: int = 0
+    delivered: int = 0
+    post_processed: int = 0
+    skipped: int = 0  # already handled (state) or no longer there
+    failed: int = 0
+    quarantined: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def fingerprint(raw: bytes) -> str:
+    """Message-ID, Date and size: stable across UIDVALIDITY changes and mailbox moves."""
+    headers = BytesHeaderParser().parsebytes(raw)
+    basis = f"{headers.get('Message-ID', '')}|{headers.get('Date', '')}|{len(raw)}"
+    return hashlib.sha256(basis.encode("utf-8", "replace")).hexdigest()[:32]
+
+
+def poll_imap(session: ImapSession, settings: SenderSettings, handler: Handler, state: PollState) -> PollReport:
+    """Drain up to ``max_messages_per_poll`` messages once. Raises PostbridgeError only for session-level failures."""
+    report = PollReport()
+    mailbox = session.select(settings.folder)
+    box = f"imap:{settings.folder}"
+    known = state.uidvalidity(box)
+    revalidated = known is not None and known != mailbox.uidvalidity
+    if revalidated:
+        log.warning(
+            "UIDVALIDITY of %s changed from %s to %s: remembered UIDs are void, handled mail is recognised by fingerprint",
+            settings.folder,
+            known,
+            mailbox.uidvalidity,
+        )
+    state.set_uidvalidity(box, mailbox.uidvalidity)
+    criteria = "UNSEEN" if settings.selection is Selection.UNREAD else "ALL"
+    if settings.post_processing is not PostProcessing.KEEP:
+        criteria += " UNDELETED"
+    for uid in session.search(criteria):
+        if report.seen >= settings.max_messages_per_poll:
+            break
+        key = f"{box}:{mailbox.uidvalidity}:{uid}"
+        status = state.status(key)
+        if status in ("done", "quarantined"):
+            report.skipped += 1
+            continue
+        report.seen += 1
+        if status != "delivered":
+            size = session.size(uid)
+            if size > settings.max_message_size:
+                _quarantine_imap(
+                    session, settings, state, key, uid, f"message of {size} bytes is over max_message_size", report
+                )
+                continue
+            raw = session.fetch(uid)
+            if raw is None:
+                report.skipped += 1
+                continue
+            stamp = fingerprint(raw)
+            if revalidated and state.fingerprint_done(box, stamp):
+                state.mark(key, "delivered", fingerprint=stamp)  # handed on before the UIDVALIDITY change
+            else:
+                try:
+                    handler(ReceivedMessage(key, raw, len(raw), settings.folder, uid=uid))
+                except Exception as exc:  # the handler is user code: any failure means "not accepted"
+                    _handler_failed(session, settings, state, key, uid, exc, report)
+                    continue
+                state.mark(key, "delivered", fingerprint=stamp)
+                report.delivered += 1
+        try:
+            _post_process(session, settings, uid)
+        except PostbridgeError as exc:
+            report.errors.append(f"UID {uid}: post-processing failed: {exc}")
+            log.error("UID %s of %s: post-processing failed, will retry next poll: %s", uid, settings.folder, exc)
+            continue
+        state.mark(key, "done")
+        report.post_processed += 1
+    return report
+
+
+def _post_process(session: ImapSession, settings: SenderSettings, uid: int) -> None:
+    action = settings.post_processing
+    if action in (PostProcessing.MARK_READ, PostProcessing.ARCHIVE_AND_MARK_READ):
+        session.store_flags(uid, "\\Seen")
+    if action is PostProcessing.DELETE:
+        session.store_flags(uid, "\\Deleted")
+        session.expunge_uid(uid)
+    elif action in (PostProcessing.ARCHIVE, PostProcessing.ARCHIVE_AND_MARK_READ):
+        session.create_folder(settings.archive_folder)
+        session.move(uid, settings.archive_folder)
+
+
+def _handler_failed(
+    session: ImapSession,
+    settings: SenderSettings,
+    state: PollState,
+    key: str,
+    uid: int,
+    exc: Exception,
+    report: PollReport,
+) -> None:
+    error = f"{type(exc).__name__}: {exc}"
+    attempts = state.record_failure(key, error)
+    report.failed += 1
+    log.warning(
+        "UID %s of %s was not accepted (attempt %d of %d): %s",
+        uid,
+        settings.folder,
+        attempts,
+        settings.max_attempts,
+        error,
+    )
+    if attempts >= settings.max_attempts:
+        _quarantine_imap(session, settings, state, key, uid, f"refused {attempts} times, last: {error}", report)
+
+
+def _quarantine_imap(
+    session: ImapSession, settings: SenderSettings, state: PollState, key: str, uid: int, why: str, report: PollReport
+) -> None:
+    try:
+        session.create_folder(settings.quarantine_folder)
+        session.move(uid, settings.quarantine_folder)
+    except PostbridgeError as exc:
+        session.store_flags(uid, "$Quarantined")  # cannot move: at least flag it, and remember it
+        why += f" (moving to {settings.quarantine_folder} failed: {exc})"
+    state.mark(key, "quarantined", error=why)
+    report.quarantined += 1
+    log.error("UID %s of %s quarantined: %s", uid, settings.folder, why)
