@@ -103,7 +103,7 @@ def poll_imap(session: ImapSession, settings: SenderSettings, handler: Handler, 
     revalidated = known is not None and known != mailbox.uidvalidity
     if revalidated:
         log.warning(
-            "UIDVALIDITY of %s changed from %s to %s: remembered UIDs are void, handled mail is recognised by fingerprint",
+            "UIDVALIDITY of %s changed (%s -> %s): old UIDs are void, handled mail is matched by fingerprint",
             settings.folder,
             known,
             mailbox.uidvalidity,
