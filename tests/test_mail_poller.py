@@ -177,3 +177,49 @@ def test_uidvalidity_change_does_not_replay_handled_mail(session: ImapSession, f
     report = poll_imap(session, settings, handler, state)
     assert report.delivered == 1  # only the new one
     assert len(handler.received) == 4
+
+
+def test_idle_delivers_new_mail_re_arms_and_catches_up_after_a_dropped_connection(
+    dovecot: Dovecot, test_pki: TestPki, tmp_path: Path, session: ImapSession, folder: str, state: SqliteState
+) -> None:
+    import socket
+    import threading
+    import time
+
+    from postbridge.mail.poller import watch_imap
+
+    channel = session.settings
+    opened: list[ImapSession] = []
+
+    def connect() -> ImapSession:
+        opened.append(open_session(channel))
+        return opened[-1]
+
+    handler = Collect()
+    stop = threading.Event()
+    settings = SenderSettings(folder=folder)
+    worker = threading.Thread(
+        target=watch_imap,
+        args=(connect, settings, handler, state, stop),
+        kwargs={"rearm": 1.0, "backoff_cap": 0.5},
+        daemon=True,
+    )
+    worker.start()
+
+    def wait_for(count: int, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while len(handler.received) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(handler.received) == count
+
+    try:
+        time.sleep(2.5)  # long enough for at least one re-arm (rearm = 1 s)
+        append(session, folder, message(1))
+        wait_for(1, timeout=3)  # IDLE woke up for it
+        opened[-1].imap.sock.shutdown(socket.SHUT_RDWR)  # the line drops ...
+        append(session, folder, message(2))  # ... and mail arrives meanwhile
+        wait_for(2)  # reconnect + catch-up poll
+        assert len(opened) >= 2
+    finally:
+        stop.set()
+        worker.join(5)

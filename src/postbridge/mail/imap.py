@@ -315,6 +315,45 @@ class ImapSession:
         )
         return {key.decode(): int(value) for key, value in found}
 
+    def idle(self, timeout: float) -> bool:
+        """IDLE up to ``timeout`` seconds (RFC 2177); True as soon as the server reports new mail (EXISTS/RECENT).
+
+        Call it with a selected mailbox. The caller re-arms it; keep ``timeout`` under 29 minutes, after which servers
+        may drop an idle client. Raises MailProtocolError when IDLE is not offered, NetworkError when the line drops.
+        """
+        imap = self.imap
+        if "IDLE" not in self.capabilities:
+            raise MailProtocolError(
+                f"{self.settings.address} does not offer IDLE", hint="poll with an interval instead of IDLE"
+            )
+        tag = imap._new_tag()
+        imap.tagged_commands.pop(tag, None)
+        try:
+            imap.send(tag + b" IDLE\r\n")
+            if not imap._get_line().startswith(b"+"):
+                raise MailProtocolError(f"{self.settings.address} refused IDLE")
+            new_mail = False
+            sock = imap.sock
+            previous = sock.gettimeout()
+            sock.settimeout(timeout)
+            try:
+                while True:
+                    line = imap._get_line()
+                    if re.match(rb"\* \d+ (EXISTS|RECENT)", line):
+                        new_mail = True
+                        break
+            except TimeoutError:
+                pass
+            finally:
+                sock.settimeout(previous)
+            imap.send(b"DONE\r\n")
+            while not (line := imap._get_line()).startswith(tag):
+                if re.match(rb"\* \d+ (EXISTS|RECENT)", line):
+                    new_mail = True
+            return new_mail
+        except (OSError, EOFError, imaplib.IMAP4.abort) as exc:
+            raise self._dropped("during IDLE", exc) from exc
+
     def close(self) -> None:
         imap, self._imap = self._imap, None
         if imap is None:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import enum
 import hashlib
 import logging
+import random
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
@@ -202,3 +204,46 @@ def _quarantine_imap(
     state.mark(key, "quarantined", error=why)
     report.quarantined += 1
     log.error("UID %s of %s quarantined: %s", uid, settings.folder, why)
+
+
+IDLE_REARM = 28 * 60.0  # below the 29 minutes after which servers may drop an idle client (RFC 2177)
+
+
+def watch_imap(
+    open_session: Callable[[], ImapSession],
+    settings: SenderSettings,
+    handler: Handler,
+    state: PollState,
+    stop: threading.Event,
+    *,
+    idle: bool = True,
+    interval: float = 60.0,
+    rearm: float = IDLE_REARM,
+    backoff_cap: float = 60.0,
+    on_report: Callable[[PollReport], None] | None = None,
+) -> None:
+    """Keep a mailbox drained until ``stop`` is set: IDLE (re-armed every ``rearm`` s) or poll every ``interval`` s.
+
+    Every (re)connect starts with a catch-up poll, so mail that arrived while disconnected is never missed.
+    Connection failures are retried with full-jitter exponential backoff; handler failures are the poller's business.
+    """
+    attempt = 0
+    while not stop.is_set():
+        try:
+            with open_session() as session:
+                attempt = 0
+                while not stop.is_set():
+                    report = poll_imap(session, settings, handler, state)  # catch-up first, then after each wake-up
+                    if on_report:
+                        on_report(report)
+                    if report.seen >= settings.max_messages_per_poll:
+                        continue  # more is waiting: drain before waiting
+                    if idle and "IDLE" in session.capabilities:
+                        session.idle(rearm)
+                    else:
+                        stop.wait(interval)
+        except PostbridgeError as exc:
+            attempt += 1
+            delay = random.uniform(0, min(backoff_cap, 0.5 * 2**attempt))
+            log.warning("mailbox %s: %s — reconnecting in %.1f s", settings.folder, exc, delay)
+            stop.wait(delay)

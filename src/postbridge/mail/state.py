@@ -11,9 +11,10 @@ SQLite in WAL mode, one file; safe for one poller process per mailbox. This modu
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from postbridge.errors import ConfigurationError
 from postbridge.home import private_dir
@@ -35,7 +36,8 @@ class SqliteState:
     def __init__(self, path: Path) -> None:
         private_dir(path.parent)
         try:
-            self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
+            # pollers run in worker threads; one lock serialises the (short) statements
+            self.db = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")  # a 'delivered' mark must survive a power cut
             self.db.executescript(
@@ -52,21 +54,28 @@ class SqliteState:
                 f"poll state '{path}' cannot be used: {exc}", hint="move the file away (it will be recreated)"
             ) from exc
         path.chmod(0o600)
+        self._lock = threading.Lock()
+
+    def _execute(self, sql: str, parameters: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self.db.execute(sql, parameters).fetchall()
 
     @staticmethod
     def _mailbox(key: str) -> str:
         return key.rsplit(":", 2)[0] if key.startswith("imap:") else key.rsplit(":", 1)[0]
 
     def status(self, key: str) -> str | None:
-        row = self.db.execute("SELECT status FROM messages WHERE key = ?", (key,)).fetchone()
+        rows = self._execute("SELECT status FROM messages WHERE key = ?", (key,))
+        row = rows[0] if rows else None
         return None if row is None else str(row[0])
 
     def attempts(self, key: str) -> int:
-        row = self.db.execute("SELECT attempts FROM messages WHERE key = ?", (key,)).fetchone()
+        rows = self._execute("SELECT attempts FROM messages WHERE key = ?", (key,))
+        row = rows[0] if rows else None
         return 0 if row is None else int(row[0])
 
     def mark(self, key: str, status: str, *, fingerprint: str = "", error: str = "") -> None:
-        self.db.execute(
+        self._execute(
             """INSERT INTO messages (key, mailbox, status, attempts, fingerprint, error, updated)
                VALUES (?, ?, ?, 0, ?, ?, ?)
                ON CONFLICT (key) DO UPDATE SET status = excluded.status, error = excluded.error,
@@ -76,7 +85,7 @@ class SqliteState:
         )
 
     def record_failure(self, key: str, error: str) -> int:
-        self.db.execute(
+        self._execute(
             """INSERT INTO messages (key, mailbox, status, attempts, fingerprint, error, updated)
                VALUES (?, ?, 'failing', 1, '', ?, ?)
                ON CONFLICT (key) DO UPDATE SET attempts = attempts + 1, error = excluded.error,
@@ -86,18 +95,20 @@ class SqliteState:
         return self.attempts(key)
 
     def fingerprint_done(self, mailbox: str, fingerprint: str) -> bool:
-        row = self.db.execute(
+        rows = self._execute(
             "SELECT 1 FROM messages WHERE mailbox = ? AND fingerprint = ? AND status IN ('delivered', 'done') LIMIT 1",
             (mailbox, fingerprint),
-        ).fetchone()
+        )
+        row = rows[0] if rows else None
         return row is not None
 
     def uidvalidity(self, mailbox: str) -> int | None:
-        row = self.db.execute("SELECT uidvalidity FROM mailboxes WHERE mailbox = ?", (mailbox,)).fetchone()
+        rows = self._execute("SELECT uidvalidity FROM mailboxes WHERE mailbox = ?", (mailbox,))
+        row = rows[0] if rows else None
         return None if row is None else int(row[0])
 
     def set_uidvalidity(self, mailbox: str, value: int) -> None:
-        self.db.execute(
+        self._execute(
             "INSERT INTO mailboxes VALUES (?, ?) "
             "ON CONFLICT (mailbox) DO UPDATE SET uidvalidity = excluded.uidvalidity",
             (mailbox, value),
