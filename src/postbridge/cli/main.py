@@ -7,8 +7,9 @@ from typing import Annotated
 import typer
 
 from postbridge import __version__
-from postbridge.cli import cloud, connector
+from postbridge.cli import cloud, connector, mail
 from postbridge.cli.common import HOME_HELP, Context, home_from
+from postbridge.demo.command import demo
 
 app = typer.Typer(
     help="postbridge: reach mail servers inside a private network from the cloud — an outbound connector, "
@@ -18,6 +19,8 @@ app = typer.Typer(
 )
 app.add_typer(cloud.app, name="cloud")
 app.add_typer(connector.app, name="connector")
+app.add_typer(mail.app, name="mail")
+app.command("demo")(demo)
 
 
 def _version(value: bool) -> None:

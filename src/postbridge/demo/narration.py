@@ -10,6 +10,7 @@ Must not: run anything or decide what a step expects; steps tell it what they sa
 
 from __future__ import annotations
 
+import textwrap
 import time
 from dataclasses import dataclass
 
@@ -70,7 +71,8 @@ class Narrator:
         self._started = time.monotonic()
         self.console.print()
         self.console.print(f"[bold cyan]Step {number}[/]  [bold]{escape(title)}[/]", highlight=False)
-        self.console.print(Padding(Text(what, style="dim"), (0, 0, 0, INDENT)), highlight=False)
+        for text in textwrap.wrap(what, width=max(40, self.console.width - INDENT - 1), break_on_hyphens=False):
+            self.line(text, style="dim", indent=INDENT)
 
     def info(self, text: str) -> None:
         self.line(text, indent=INDENT)
@@ -92,7 +94,7 @@ class Narrator:
         return condition
 
     def show(self, renderable: Table) -> None:
-        self.console.print(Padding(renderable, (0, 0, 0, INDENT)))
+        self.console.print(Padding(renderable, (0, 0, 0, INDENT), expand=False))
 
     def end(self, error: str | None = None) -> StepOutcome:
         """Close the open step; it passed when nothing failed and no ``error`` (an exception's text) is given."""

@@ -1,0 +1,45 @@
+"""`postbridge mail poll` as a user runs it, against the real Dovecot."""
+
+from __future__ import annotations
+
+import email
+import json
+import uuid
+from pathlib import Path
+
+from postbridge.trust.truststore import TrustStore
+from tests.harness import cli
+from tests.servers.dovecot import Dovecot
+from tests.servers.pki import TestPki
+
+
+def test_poll_saves_messages_and_post_processes_them(dovecot: Dovecot, test_pki: TestPki, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    TrustStore(home / "keystore").add(test_pki.root_pem.read_bytes(), alias="corp-root")
+    subject = f"cli poll {uuid.uuid4().hex}"
+    dovecot.deliver("bob", f"From: a@corp.example\r\nSubject: {subject}\r\n\r\nhello\r\n".encode())
+    config = tmp_path / "channel.toml"
+    config.write_text(
+        f'[sender]\naddress = "{dovecot.host}:{dovecot.imap_port}"\nprotection = "starttls-mandatory"\n'
+        f'user = "bob"\ntls_server_name = "mail.corp.example"\n'
+    )
+    args = ["mail", "poll", "--config", str(config), "--password-stdin", "--post-processing", "mark-read"]
+    saved = tmp_path / "out"
+    first = cli(home, *args, "--save-dir", str(saved), "--json", stdin="secret\n")
+    rows = [json.loads(line) for line in first.stdout.splitlines()]
+    mine = [row for row in rows if row["subject"] == subject]
+    assert len(mine) == 1
+    parsed = email.message_from_bytes(Path(mine[0]["file"]).read_bytes())
+    assert parsed["Subject"] == subject
+    second = cli(home, *args, stdin="secret\n")
+    assert subject not in second.stdout  # marked read after the first hand-over
+    assert "secret" not in first.stderr + second.stderr + second.stdout
+
+
+def test_poll_refuses_clear_text_and_names_the_fix(dovecot: Dovecot, tmp_path: Path) -> None:
+    result = cli(
+        tmp_path / "home", "mail", "poll", "--address", f"{dovecot.host}:{dovecot.imap_port}", "--protection", "off",
+        "--user", "bob", "--password-stdin", check=False, stdin="secret\n",
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "not sending credentials" in result.stderr and "allow_cleartext_auth" in result.stderr
