@@ -49,6 +49,28 @@ def test_mapped_host_is_reached_and_greeting_arrives_first(
         assert sock.recv(100) == b"220 test.server ready\r\n"
 
 
+def test_curl_fetches_a_page_from_a_mapped_http_server(
+    stack: Stack, connected: Connector, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    import functools
+    import http.server
+    import threading
+
+    root = tmp_path_factory.mktemp("www")
+    (root / "index.html").write_text("<h1>on-premise intranet page</h1>")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer((LOOPBACK, 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        stack.map(connected, "intranet.corp.example:80", f"{LOOPBACK}:{server.server_address[1]}")
+        result = curl(stack, "http://intranet.corp.example/index.html", f"acme/dc1:{stack.secret}")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == "<h1>on-premise intranet page</h1>"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_unmapped_target_is_not_allowed_by_ruleset(stack: Stack, connected: Connector, line_server: int) -> None:
     stack.map(connected, "mail.corp.example:25", f"{LOOPBACK}:{line_server}")
     result = curl(stack, "http://mail.corp.example:26/", f"acme/dc1:{stack.secret}")
