@@ -55,7 +55,12 @@ class _Pop3(poplib.POP3):
 
     def __init__(self, sock: socket.socket, host: str, port: int) -> None:
         self._prepared = sock
-        super().__init__(host, port)
+        try:
+            super().__init__(host, port)  # reads the greeting
+        except BaseException:
+            with contextlib.suppress(OSError):
+                self.close()  # poplib leaves its reader (and with it the socket) open when the greeting fails
+            raise
 
     def _create_socket(self, timeout: float | None) -> socket.socket:
         return self._prepared
@@ -321,7 +326,8 @@ class Pop3Session:
             with self._talking("UIDL") as pop:
                 lines = pop.long_command("UIDL")
         except MailProtocolError as exc:
-            exc.hint = exc.hint or "the server lacks UIDL: use post-processing 'delete' (not 'keep') with it"
+            if exc.reply.startswith("-ERR") and not exc.hint:
+                exc.hint = "the server lacks UIDL: use post-processing 'delete' (not 'keep') with it"
             raise
         return {number: value.decode("ascii", "replace") for number, value in self._pairs("UIDL", lines)}
 
