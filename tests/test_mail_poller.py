@@ -223,3 +223,41 @@ def test_idle_delivers_new_mail_re_arms_and_catches_up_after_a_dropped_connectio
     finally:
         stop.set()
         worker.join(5)
+
+
+def test_pop3_poll_keep_then_delete_hands_each_message_on_once(
+    dovecot: Dovecot, test_pki: TestPki, tmp_path: Path, state: SqliteState
+) -> None:
+    from postbridge.mail.poller import Pop3PostProcessing, poll_pop3
+    from postbridge.mail.pop3 import open_pop3
+
+    store = TrustStore(tmp_path / "pop-keystore")
+    store.add(test_pki.root_pem.read_bytes(), alias="root")
+    channel = ChannelSettings(
+        address=HostPort(dovecot.host, dovecot.pop3s_port),
+        protection=Protection.TLS,
+        credentials=Credentials("bob", "secret"),
+        keystore=store.directory,
+        tls_server_name="mail.corp.example",
+    )
+    tag = uuid.uuid4().hex.encode()
+    for n in range(3):
+        dovecot.deliver("bob", message(n).replace(b"Subject: poll", b"Subject: " + tag))
+    mine: list[ReceivedMessage] = []
+
+    def handler(received: ReceivedMessage) -> None:
+        if tag in received.raw:
+            mine.append(received)
+
+    with open_pop3(channel) as session:
+        poll_pop3(session, handler, state, post_processing=Pop3PostProcessing.KEEP)
+    with open_pop3(channel) as session:
+        poll_pop3(session, handler, state, post_processing=Pop3PostProcessing.KEEP)
+    assert len(mine) == 3  # kept on the server, remembered by UIDL
+    fresh = SqliteState(tmp_path / "fresh.sqlite")
+    mine.clear()
+    with open_pop3(channel) as session:
+        report = poll_pop3(session, handler, fresh, post_processing=Pop3PostProcessing.DELETE)
+    assert len(mine) == 3 and report.post_processed >= 3
+    with open_pop3(channel) as session:
+        assert all(tag not in session.retrieve(number) for number in session.uidl())

@@ -22,6 +22,7 @@ import logging
 import re
 import socket
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +62,10 @@ class _Imap4(imaplib.IMAP4):
 
     def _create_socket(self, timeout: float | None) -> socket.socket:
         return self._prepared
+
+
+def _uid_set(uids: int | Sequence[int]) -> str:
+    return str(uids) if isinstance(uids, int) else ",".join(str(uid) for uid in uids)
 
 
 def _quote(mailbox: str) -> str:
@@ -269,39 +274,71 @@ class ImapSession:
         data = self._check(*self.imap.uid("SEARCH", criteria), f"UID SEARCH {criteria}")
         return sorted(int(uid) for uid in (data[0] or b"").split())
 
+    def sizes(self, uids: Sequence[int]) -> dict[int, int]:
+        """RFC822.SIZE of many messages in one round trip; UIDs that no longer exist are absent."""
+        if not uids:
+            return {}
+        data = self._check(*self.imap.uid("FETCH", _uid_set(uids), "(UID RFC822.SIZE)"), "UID FETCH RFC822.SIZE")
+        result: dict[int, int] = {}
+        for item in data:
+            line = item[0] if isinstance(item, tuple) else item
+            if isinstance(line, bytes):
+                uid, size = re.search(rb"UID (\d+)", line), re.search(rb"RFC822\.SIZE (\d+)", line)
+                if uid and size:
+                    result[int(uid.group(1))] = int(size.group(1))
+        return result
+
     def size(self, uid: int) -> int:
-        data = self._check(*self.imap.uid("FETCH", str(uid), "(RFC822.SIZE)"), "UID FETCH RFC822.SIZE")
-        match = re.search(rb"RFC822\.SIZE (\d+)", data[0] if isinstance(data[0], bytes) else b"")
-        return int(match.group(1)) if match else -1
+        return self.sizes([uid]).get(uid, -1)
+
+    def fetch_many(self, uids: Sequence[int]) -> dict[int, bytes]:
+        """Whole messages without setting \\Seen (BODY.PEEK[]), many per round trip; missing UIDs are absent."""
+        if not uids:
+            return {}
+        data = self._check(*self.imap.uid("FETCH", _uid_set(uids), "(UID BODY.PEEK[])"), "UID FETCH BODY.PEEK[]")
+        result: dict[int, bytes] = {}
+        waiting: bytes | None = None  # a literal whose UID comes after it (servers may order items freely)
+        for item in data:
+            if isinstance(item, tuple) and len(item) == 2:
+                found = re.search(rb"UID (\d+)", item[0])
+                if found:
+                    result[int(found.group(1))] = bytes(item[1])
+                else:
+                    waiting = bytes(item[1])
+            elif isinstance(item, bytes) and waiting is not None:
+                found = re.search(rb"UID (\d+)", item)
+                if found:
+                    result[int(found.group(1))] = waiting
+                waiting = None
+        return result
 
     def fetch(self, uid: int) -> bytes | None:
         """The whole message without setting \\Seen (BODY.PEEK[]); None when the UID no longer exists."""
-        data = self._check(*self.imap.uid("FETCH", str(uid), "(BODY.PEEK[])"), f"UID FETCH {uid}")
-        for item in data:
-            if isinstance(item, tuple) and len(item) == 2:
-                return bytes(item[1])
-        return None
+        return self.fetch_many([uid]).get(uid)
 
-    def store_flags(self, uid: int, flags: str) -> None:
-        self._check(*self.imap.uid("STORE", str(uid), "+FLAGS.SILENT", f"({flags})"), f"UID STORE {uid}")
+    def store_flags(self, uids: int | Sequence[int], flags: str) -> None:
+        uid_set = _uid_set(uids)
+        self._check(*self.imap.uid("STORE", uid_set, "+FLAGS.SILENT", f"({flags})"), f"UID STORE {uid_set}")
 
-    def expunge_uid(self, uid: int) -> None:
-        """Remove exactly this message: UID EXPUNGE (UIDPLUS). Never a bare EXPUNGE, which removes others' too."""
+    def expunge_uid(self, uids: int | Sequence[int]) -> None:
+        """Remove exactly these messages: UID EXPUNGE (UIDPLUS). Never a bare EXPUNGE, which removes others' too."""
         if "UIDPLUS" not in self.capabilities:
             raise MailProtocolError(
-                f"{self.settings.address} lacks UIDPLUS, so one message cannot be expunged safely",
+                f"{self.settings.address} lacks UIDPLUS, so single messages cannot be expunged safely",
                 hint="use post-processing 'mark-read' or 'keep' with this server (the message stays flagged \\Deleted)",
             )
-        self._check(*self.imap.uid("EXPUNGE", str(uid)), f"UID EXPUNGE {uid}")
+        uid_set = _uid_set(uids)
+        self._check(*self.imap.uid("EXPUNGE", uid_set), f"UID EXPUNGE {uid_set}")
 
-    def move(self, uid: int, folder: str) -> None:
+    def move(self, uids: int | Sequence[int], folder: str) -> None:
         """UID MOVE where offered, else COPY + \\Deleted + UID EXPUNGE."""
+        uid_set = _uid_set(uids)
         if "MOVE" in self.capabilities:
-            self._check(*self.imap.uid("MOVE", str(uid), _quote(folder)), f"UID MOVE {uid}")
+            self._check(*self.imap.uid("MOVE", uid_set, _quote(folder)), f"UID MOVE {uid_set}")
             return
-        self._check(*self.imap.uid("COPY", str(uid), _quote(folder)), f"UID COPY {uid}")
-        self.store_flags(uid, "\\Deleted")
-        self.expunge_uid(uid)
+        self._check(*self.imap.uid("COPY", uid_set, _quote(folder)), f"UID COPY {uid_set}")
+        self.store_flags(uids, "\\Deleted")
+        self.expunge_uid(uids)
 
     def create_folder(self, folder: str) -> None:
         typ, data = self.imap.create(_quote(folder))

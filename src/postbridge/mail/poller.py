@@ -24,6 +24,7 @@ from typing import Any
 
 from postbridge.errors import ConfigurationError, PostbridgeError
 from postbridge.mail.imap import ImapSession
+from postbridge.mail.pop3 import Pop3Session
 from postbridge.mail.state import PollState
 
 log = logging.getLogger("postbridge.mail.poller")
@@ -96,8 +97,14 @@ def fingerprint(raw: bytes) -> str:
     return hashlib.sha256(basis.encode("utf-8", "replace")).hexdigest()[:32]
 
 
-def poll_imap(session: ImapSession, settings: SenderSettings, handler: Handler, state: PollState) -> PollReport:
-    """Drain up to ``max_messages_per_poll`` messages once. Raises PostbridgeError only for session-level failures."""
+def poll_imap(
+    session: ImapSession, settings: SenderSettings, handler: Handler, state: PollState, *, batch: int = 50
+) -> PollReport:
+    """Drain up to ``max_messages_per_poll`` messages once. Raises PostbridgeError only for session-level failures.
+
+    Messages travel in batches of ``batch``: one round trip for the sizes, one for the bodies, then each is handed on
+    and marked ``delivered`` one by one, and the batch is post-processed with one command per action.
+    """
     report = PollReport()
     mailbox = session.select(settings.folder)
     box = f"imap:{settings.folder}"
@@ -114,58 +121,70 @@ def poll_imap(session: ImapSession, settings: SenderSettings, handler: Handler, 
     criteria = "UNSEEN" if settings.selection is Selection.UNREAD else "ALL"
     if settings.post_processing is not PostProcessing.KEEP:
         criteria += " UNDELETED"
+    pending: list[tuple[int, str, str | None]] = []  # (uid, key, status) still to do
     for uid in session.search(criteria):
-        if report.seen >= settings.max_messages_per_poll:
-            break
         key = f"{box}:{mailbox.uidvalidity}:{uid}"
         status = state.status(key)
         if status in ("done", "quarantined"):
             report.skipped += 1
             continue
-        report.seen += 1
-        if status != "delivered":
-            size = session.size(uid)
-            if size > settings.max_message_size:
-                _quarantine_imap(
-                    session, settings, state, key, uid, f"message of {size} bytes is over max_message_size", report
-                )
+        if len(pending) >= settings.max_messages_per_poll:
+            break
+        pending.append((uid, key, status))
+    report.seen = len(pending)
+    for start in range(0, len(pending), batch):
+        chunk = pending[start : start + batch]
+        to_fetch = [uid for uid, _, status in chunk if status != "delivered"]
+        sizes = session.sizes(to_fetch)
+        small = [uid for uid in to_fetch if sizes.get(uid, 0) <= settings.max_message_size]
+        bodies = session.fetch_many(small)
+        handed: list[tuple[int, str]] = []
+        for uid, key, status in chunk:
+            if status == "delivered":
+                handed.append((uid, key))  # handed on in an earlier poll; only post-processing is missing
                 continue
-            raw = session.fetch(uid)
-            if raw is None:
-                report.skipped += 1
+            if uid not in sizes:
+                report.skipped += 1  # gone meanwhile
                 continue
+            if uid not in bodies:
+                why = f"message of {sizes[uid]} bytes is over max_message_size ({settings.max_message_size})"
+                _quarantine_imap(session, settings, state, key, uid, why, report)
+                continue
+            raw = bodies.pop(uid)
             stamp = fingerprint(raw)
-            if revalidated and state.fingerprint_done(box, stamp):
-                state.mark(key, "delivered", fingerprint=stamp)  # handed on before the UIDVALIDITY change
-            else:
+            if not (revalidated and state.fingerprint_done(box, stamp)):
                 try:
                     handler(ReceivedMessage(key, raw, len(raw), settings.folder, uid=uid))
                 except Exception as exc:  # the handler is user code: any failure means "not accepted"
                     _handler_failed(session, settings, state, key, uid, exc, report)
                     continue
-                state.mark(key, "delivered", fingerprint=stamp)
                 report.delivered += 1
-        try:
-            _post_process(session, settings, uid)
-        except PostbridgeError as exc:
-            report.errors.append(f"UID {uid}: post-processing failed: {exc}")
-            log.error("UID %s of %s: post-processing failed, will retry next poll: %s", uid, settings.folder, exc)
+            state.mark(key, "delivered", fingerprint=stamp)
+            handed.append((uid, key))
+        if not handed:
             continue
-        state.mark(key, "done")
-        report.post_processed += 1
+        try:
+            _post_process(session, settings, [uid for uid, _ in handed])
+        except PostbridgeError as exc:
+            report.errors.append(f"UIDs {handed[0][0]}..{handed[-1][0]}: post-processing failed: {exc}")
+            log.error("%s: post-processing failed, will retry next poll: %s", settings.folder, exc)
+            continue
+        for _, key in handed:
+            state.mark(key, "done")
+        report.post_processed += len(handed)
     return report
 
 
-def _post_process(session: ImapSession, settings: SenderSettings, uid: int) -> None:
+def _post_process(session: ImapSession, settings: SenderSettings, uids: list[int]) -> None:
     action = settings.post_processing
     if action in (PostProcessing.MARK_READ, PostProcessing.ARCHIVE_AND_MARK_READ):
-        session.store_flags(uid, "\\Seen")
+        session.store_flags(uids, "\\Seen")
     if action is PostProcessing.DELETE:
-        session.store_flags(uid, "\\Deleted")
-        session.expunge_uid(uid)
+        session.store_flags(uids, "\\Deleted")
+        session.expunge_uid(uids)
     elif action in (PostProcessing.ARCHIVE, PostProcessing.ARCHIVE_AND_MARK_READ):
         session.create_folder(settings.archive_folder)
-        session.move(uid, settings.archive_folder)
+        session.move(uids, settings.archive_folder)
 
 
 def _handler_failed(
@@ -247,3 +266,66 @@ def watch_imap(
             delay = random.uniform(0, min(backoff_cap, 0.5 * 2**attempt))
             log.warning("mailbox %s: %s — reconnecting in %.1f s", settings.folder, exc, delay)
             stop.wait(delay)
+
+
+class Pop3PostProcessing(enum.StrEnum):
+    DELETE = "delete"
+    KEEP = "keep"
+
+
+def poll_pop3(
+    session: Pop3Session,
+    handler: Handler,
+    state: PollState,
+    *,
+    post_processing: Pop3PostProcessing = Pop3PostProcessing.DELETE,
+    max_messages_per_poll: int = 100,
+    max_message_size: int = 25 * 1024 * 1024,
+    max_attempts: int = 5,
+) -> PollReport:
+    """Drain a POP3 mailbox once, keyed by UIDL. Deletions take effect at QUIT, which this function sends; only then
+    are the messages ``done``. POP3 has no folders, so a poison message is left on the server, remembered as
+    quarantined and skipped from then on."""
+    report = PollReport()
+    settings = session.settings
+    user = settings.credentials.user if settings.credentials else ""
+    box = f"pop3:{user}@{settings.address}"
+    deleted: list[str] = []
+    sizes = session.sizes()
+    for number, uidl in sorted(session.uidl().items()):
+        key = f"{box}:{uidl}"
+        status = state.status(key)
+        if status in ("done", "quarantined"):
+            report.skipped += 1
+            continue
+        if report.seen >= max_messages_per_poll:
+            break
+        report.seen += 1
+        if status != "delivered":
+            if sizes.get(number, 0) > max_message_size:
+                state.mark(key, "quarantined", error=f"message of {sizes[number]} bytes is over max_message_size")
+                report.quarantined += 1
+                continue
+            raw = session.retrieve(number)
+            try:
+                handler(ReceivedMessage(key, raw, len(raw), box, uidl=uidl))
+            except Exception as exc:  # user code: any failure means "not accepted"
+                attempts = state.record_failure(key, f"{type(exc).__name__}: {exc}")
+                report.failed += 1
+                if attempts >= max_attempts:
+                    state.mark(key, "quarantined", error=f"refused {attempts} times: {exc}")
+                    report.quarantined += 1
+                continue
+            state.mark(key, "delivered", fingerprint=fingerprint(raw))
+            report.delivered += 1
+        if post_processing is Pop3PostProcessing.DELETE:
+            session.delete(number)
+            deleted.append(key)
+        else:
+            state.mark(key, "done")
+            report.post_processed += 1
+    session.quit()  # commits the deletions; if it fails, they are retried next poll (the state says 'delivered')
+    for key in deleted:
+        state.mark(key, "done")
+        report.post_processed += 1
+    return report
