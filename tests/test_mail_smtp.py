@@ -85,9 +85,13 @@ def wait_for_message_id(dovecot: Dovecot, user: str, message_id: str, timeout: f
     wanted = f"message-id: {message_id}".lower().encode()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for path in sorted(dovecot.maildir(user).glob("*/*")):
-            if wanted in path.read_bytes().lower():
-                return path
+        # INBOX only: new/ and cur/ (other tests' folders are dot-directories beside them)
+        for path in sorted([*dovecot.maildir(user).glob("new/*"), *dovecot.maildir(user).glob("cur/*")]):
+            try:
+                if wanted in path.read_bytes().lower():
+                    return path
+            except FileNotFoundError:  # moved from new/ to cur/ by a reader meanwhile
+                continue
         time.sleep(0.02)
     raise TimeoutError(f"no message {message_id} arrived for {user} within {timeout:.0f} s")
 
