@@ -43,3 +43,31 @@ def test_poll_refuses_clear_text_and_names_the_fix(dovecot: Dovecot, tmp_path: P
     )  # fmt: skip
     assert result.returncode == 1
     assert "not sending credentials" in result.stderr and "allow_cleartext_auth" in result.stderr
+
+
+def test_send_then_poll_over_pop3(dovecot: Dovecot, test_pki: TestPki, tmp_path: Path) -> None:
+    from tests.servers.postfix import Postfix
+
+    home = tmp_path / "home"
+    TrustStore(home / "keystore").add(test_pki.root_pem.read_bytes(), alias="corp-root")
+    subject = f"cli send {uuid.uuid4().hex}"
+    attachment = tmp_path / "report.txt"
+    attachment.write_text("quarterly figures\n")
+    with Postfix(dovecot, pki=test_pki) as postfix:
+        sent = cli(
+            home, "mail", "send", "--from", "alice@corp.example", "--to", "bob@corp.example", "--subject", subject,
+            "--text", "hello bob", "--attach", str(attachment), "--address", f"{postfix.host}:{postfix.submission_port}",
+            "--protection", "starttls-mandatory", "--user", "alice", "--password-stdin",
+            "--tls-server-name", "mail.corp.example", stdin="secret\n",
+        )  # fmt: skip
+        assert "sent to bob@corp.example" in sent.stdout
+        dovecot.wait_for_message("bob", subject)
+    polled = cli(
+        home, "mail", "poll", "--protocol", "pop3", "--address", f"{dovecot.host}:{dovecot.pop3s_port}",
+        "--protection", "tls", "--user", "bob", "--password-stdin", "--tls-server-name", "mail.corp.example",
+        "--json", "--save-dir", str(tmp_path / "out"), stdin="secret\n",
+    )  # fmt: skip
+    rows = [json.loads(line) for line in polled.stdout.splitlines()]
+    [row] = [row for row in rows if row["subject"] == subject]
+    parsed = email.message_from_bytes(Path(row["file"]).read_bytes())
+    assert [part.get_filename() for part in parsed.walk() if part.get_filename()] == ["report.txt"]

@@ -6,7 +6,9 @@ Passwords are read from ``--password-stdin`` or ``POSTBRIDGE_MAIL_PASSWORD``, ne
 
 from __future__ import annotations
 
+import hashlib
 import json
+import mimetypes
 import os
 import sys
 import tomllib
@@ -19,8 +21,18 @@ from rich.table import Table
 from postbridge.cli.common import console, ctx_obj, run_command
 from postbridge.errors import ConfigurationError
 from postbridge.mail.imap import open_session
-from postbridge.mail.poller import PostProcessing, ReceivedMessage, Selection, SenderSettings, poll_imap
+from postbridge.mail.poller import (
+    Pop3PostProcessing,
+    PostProcessing,
+    ReceivedMessage,
+    Selection,
+    SenderSettings,
+    poll_imap,
+    poll_pop3,
+)
+from postbridge.mail.pop3 import open_pop3
 from postbridge.mail.settings import ChannelSettings, channel_from_mapping, parse_enum
+from postbridge.mail.smtp import Attachment, build_message, open_smtp
 from postbridge.mail.state import SqliteState
 
 app = typer.Typer(
@@ -78,7 +90,8 @@ def poll(
     keystore: Annotated[
         str, typer.Option(help="Trust store folder (roots + intermediates); default HOME/keystore.")
     ] = "",
-    folder: Annotated[str, typer.Option(help="Mailbox folder.")] = "INBOX",
+    protocol: Annotated[str, typer.Option(help="imap | pop3")] = "imap",
+    folder: Annotated[str, typer.Option(help="Mailbox folder (IMAP).")] = "INBOX",
     selection: Annotated[str, typer.Option(help="unread | all")] = "unread",
     post_processing: Annotated[
         str, typer.Option(help="mark-read | delete | archive | archive-and-mark-read | keep")
@@ -98,10 +111,17 @@ def poll(
             "keystore": keystore or str(home / "keystore"),
         }  # fmt: skip
         channel, _ = load_channel(config, "sender", options, password_stdin)
+        kind = protocol.strip().lower()
+        if kind not in ("imap", "pop3"):
+            raise ConfigurationError(f"--protocol '{protocol}' is not one of: imap, pop3")
         sender = SenderSettings(
             folder=folder,
             selection=parse_enum(Selection, selection, "--selection"),
-            post_processing=parse_enum(PostProcessing, post_processing, "--post-processing"),
+            post_processing=(
+                parse_enum(PostProcessing, post_processing, "--post-processing")
+                if kind == "imap"
+                else PostProcessing.KEEP
+            ),
             archive_folder=archive_folder,
             max_messages_per_poll=max_messages,
         )
@@ -112,7 +132,7 @@ def poll(
 
             headers = BytesHeaderParser().parsebytes(message.raw)
             row = {
-                "uid": message.uid,
+                "uid": message.uid if message.uid is not None else message.uidl,
                 "size": message.size,
                 "from": str(headers.get("From", "")),
                 "subject": str(headers.get("Subject", "")),
@@ -120,7 +140,12 @@ def poll(
             }
             if save_dir is not None:
                 save_dir.mkdir(parents=True, exist_ok=True)
-                target = save_dir / f"{message.uid}.eml"
+                name = (
+                    message.uid
+                    if message.uid is not None
+                    else hashlib.sha256(str(message.uidl).encode()).hexdigest()[:16]
+                )
+                target = save_dir / f"{name}.eml"
                 tmp = target.with_suffix(".eml.tmp")
                 tmp.write_bytes(message.raw)
                 tmp.replace(target)  # only a complete file counts as handed on
@@ -131,8 +156,13 @@ def poll(
 
         state = SqliteState(home / "mail" / "poll-state.sqlite")
         try:
-            with open_session(channel) as session:
-                report = poll_imap(session, sender, handle, state)
+            if kind == "imap":
+                with open_session(channel) as session:
+                    report = poll_imap(session, sender, handle, state)
+            else:
+                action = parse_enum(Pop3PostProcessing, post_processing, "--post-processing (POP3)")
+                with open_pop3(channel) as pop3:
+                    report = poll_pop3(pop3, handle, state, post_processing=action, max_messages_per_poll=max_messages)
         finally:
             state.close()
         if not json_lines:
@@ -145,6 +175,81 @@ def poll(
                 f"{report.skipped} already handled, {report.failed} failed, {report.quarantined} quarantined"
             )
         if report.errors or report.failed:
+            raise typer.Exit(1)
+
+    run_command(body)
+
+
+@app.command()
+def send(
+    ctx: typer.Context,
+    sender: Annotated[str, typer.Option("--from", help="Sender address (envelope and From header).")],
+    to: Annotated[list[str] | None, typer.Option("--to", help="Recipient; repeat for more.")] = None,
+    cc: Annotated[list[str] | None, typer.Option("--cc", help="Copy recipient; repeat for more.")] = None,
+    bcc: Annotated[list[str] | None, typer.Option("--bcc", help="Blind copy (envelope only); repeat for more.")] = None,
+    subject: Annotated[str, typer.Option(help="Subject.")] = "",
+    text: Annotated[str, typer.Option(help="Plain text body ('-' reads stdin).")] = "",
+    html: Annotated[Path | None, typer.Option(help="File with the HTML body.")] = None,
+    attach: Annotated[list[Path] | None, typer.Option(help="File to attach; repeat for more.")] = None,
+    header: Annotated[list[str] | None, typer.Option(help="Extra header 'Name: value'; repeat for more.")] = None,
+    charset: Annotated[str, typer.Option(help="Charset of the text parts.")] = "utf-8",
+    address: Annotated[str, typer.Option(help="SMTP server host:port (the virtual host for on-premise).")] = "",
+    config: Annotated[Path | None, typer.Option(help="TOML file with the channel settings ([receiver] table).")] = None,
+    proxy: Annotated[str, typer.Option(help="'internet' or 'on-premise'.")] = "",
+    location_id: Annotated[str, typer.Option(help="Connector location ID for on-premise.")] = "",
+    binding: Annotated[str, typer.Option(help="Binding file from 'postbridge cloud binding'.")] = "",
+    protection: Annotated[str, typer.Option(help="off | starttls-mandatory | starttls-optional | tls")] = "",
+    auth: Annotated[str, typer.Option(help="none | plain | login | cram-md5 | xoauth2 | oauthbearer")] = "",
+    user: Annotated[str, typer.Option(help="User name.")] = "",
+    password_stdin: Annotated[bool, typer.Option(help=f"Read the password from stdin (else ${PASSWORD_ENV}).")] = False,
+    tls_server_name: Annotated[str, typer.Option(help="Name the server certificate must carry.")] = "",
+    keystore: Annotated[str, typer.Option(help="Trust store folder; default HOME/keystore.")] = "",
+) -> None:
+    """Send one message through an SMTP receiver channel (directly or through the connector)."""
+
+    def body() -> None:
+        home = ctx_obj(ctx).ensure_home()
+        options = {
+            "address": address, "proxy": proxy, "location_id": location_id, "binding": binding,
+            "protection": protection, "auth": auth, "user": user, "tls_server_name": tls_server_name,
+            "keystore": keystore or str(home / "keystore"),
+        }  # fmt: skip
+        channel, _ = load_channel(config, "receiver", options, password_stdin)
+        body_text = sys.stdin.read() if text == "-" and not password_stdin else text
+        attachments = []
+        for path in attach or []:
+            try:
+                content = path.read_bytes()
+            except OSError as exc:
+                raise ConfigurationError(f"cannot read attachment '{path}': {exc.strerror}") from exc
+            kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+            attachments.append(Attachment(path.name, content, kind))
+        extra = []
+        for line in header or []:
+            name, colon, value = line.partition(":")
+            if not colon:
+                raise ConfigurationError(f"--header '{line}' is not 'Name: value'")
+            extra.append((name.strip(), value.strip()))
+        mail = build_message(
+            sender=sender,
+            to=to or [],
+            cc=cc or [],
+            bcc=bcc or [],
+            subject=subject,
+            text=body_text or None,
+            html=html.read_text(encoding="utf-8") if html else None,
+            charset=charset,
+            attachments=attachments,
+            headers=extra,
+        )
+        with open_smtp(channel) as session:
+            refused = session.send_mail(mail)
+            session.quit()
+        accepted = [r for r in mail.recipients if r not in refused]
+        console.print(f"[green]sent[/] to {', '.join(accepted) or 'nobody'} via {channel.describe}", highlight=False)
+        for recipient, (code, reason) in refused.items():
+            console.print(f"[red]refused[/] {recipient}: {code} {reason}", highlight=False)
+        if refused:
             raise typer.Exit(1)
 
     run_command(body)
