@@ -56,8 +56,9 @@ def test_send_then_poll_over_pop3(dovecot: Dovecot, test_pki: TestPki, tmp_path:
     with Postfix(dovecot, pki=test_pki) as postfix:
         sent = cli(
             home, "mail", "send", "--from", "alice@corp.example", "--to", "bob@corp.example", "--subject", subject,
-            "--text", "hello bob", "--attach", str(attachment), "--address", f"{postfix.host}:{postfix.submission_port}",
-            "--protection", "starttls-mandatory", "--user", "alice", "--password-stdin",
+            "--text", "hello bob", "--attach", str(attachment),
+            "--address", f"{postfix.host}:{postfix.submission_port}", "--protection", "starttls-mandatory",
+            "--user", "alice", "--password-stdin",
             "--tls-server-name", "mail.corp.example", stdin="secret\n",
         )  # fmt: skip
         assert "sent to bob@corp.example" in sent.stdout
