@@ -23,7 +23,7 @@ from postbridge.mail.imap import MailProtocolError, TlsDowngrade
 from postbridge.mail.settings import AuthMethod, Binding, ChannelSettings, Credentials, Protection, Proxy
 from postbridge.mail.smtp import Attachment, SmtpReplyError, build_message, open_smtp
 from postbridge.trust.truststore import TrustStore
-from tests.harness import Connector, Stack
+from tests.harness import Connector, Stack, cli
 from tests.servers import LOOPBACK
 from tests.servers.dovecot import Dovecot
 from tests.servers.pki import TestPki
@@ -437,3 +437,29 @@ def test_submission_through_hub_and_connector_with_starttls(
                                         text="via hub and connector"))  # fmt: skip
     received = read_back(postfix.wait_for_message("bob", subject))
     assert received.get_content().strip() == "via hub and connector"
+
+
+@pytest.mark.e2e
+def test_smtps_through_a_tcp_tls_mapping_with_protection_off(
+    stack: Stack, connected: Connector, postfix: Postfix, test_pki: TestPki
+) -> None:
+    """The connector does the implicit TLS to port 465; the cloud side speaks plain SMTP inside the tunnel."""
+    cli(connected.home, "connector", "truststore", "add", str(test_pki.root_pem))
+    stack.map(connected, "smtps.corp.example:465", f"{postfix.host}:{postfix.smtps_port}", "--protocol", "tcp-tls",
+              "--tls-server-name", "mail.corp.example")  # fmt: skip
+    binding = Binding(socks=HostPort("127.0.0.1", stack.socks_port), subaccount="acme", client_secret=stack.secret)
+    channel = ChannelSettings(
+        address=HostPort("smtps.corp.example", 465),
+        proxy=Proxy.ON_PREMISE,
+        location_id="dc1",
+        binding=binding,
+        protection=Protection.OFF,
+        credentials=Credentials("alice", "secret"),
+    )
+    subject = f"through tcp-tls {uuid.uuid4().hex}"
+    with open_smtp(channel, local_hostname="cloud-app.example") as session:
+        assert not session.tls  # no TLS on the cloud side: the connector did it
+        session.send_mail(build_message(sender="alice@corp.example", to=["bob@corp.example"], subject=subject,
+                                        text="via the connector's TLS"))  # fmt: skip
+    received = read_back(postfix.wait_for_message("bob", subject))
+    assert received.get_content().strip() == "via the connector's TLS"
