@@ -8,7 +8,8 @@ import pytest
 
 from postbridge.addresses import HostPort
 from postbridge.errors import AuthenticationError, NetworkError, TrustError
-from postbridge.mail.imap import TlsDowngrade, open_session
+from postbridge.mail.common import TlsDowngrade
+from postbridge.mail.imap import open_session
 from postbridge.mail.settings import AuthMethod, Binding, ChannelSettings, Credentials, Protection, Proxy
 from postbridge.trust.truststore import TrustStore
 from tests.harness import Connector, Stack, cli

@@ -135,7 +135,7 @@ def test_crash_between_hand_over_and_post_processing_does_not_deliver_twice(
     real_store = session.store_flags
 
     def broken(uid: int, flags: str) -> None:
-        from postbridge.mail.imap import MailProtocolError
+        from postbridge.mail.common import MailProtocolError
 
         raise MailProtocolError("connection lost before STORE")
 

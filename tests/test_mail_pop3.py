@@ -15,7 +15,7 @@ import pytest
 
 from postbridge.addresses import HostPort
 from postbridge.errors import AuthenticationError, NetworkError, TrustError
-from postbridge.mail.imap import MailProtocolError, TlsDowngrade
+from postbridge.mail.common import MailProtocolError, TlsDowngrade
 from postbridge.mail.pop3 import Pop3Session, open_pop3
 from postbridge.mail.settings import AuthMethod, Binding, ChannelSettings, Credentials, Protection, Proxy
 from postbridge.trust.truststore import TrustStore

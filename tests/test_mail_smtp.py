@@ -19,7 +19,7 @@ import pytest
 
 from postbridge.addresses import HostPort
 from postbridge.errors import AuthenticationError, ConfigurationError, NetworkError, PostbridgeTimeout, TrustError
-from postbridge.mail.imap import MailProtocolError, TlsDowngrade
+from postbridge.mail.common import MailProtocolError, TlsDowngrade
 from postbridge.mail.settings import AuthMethod, Binding, ChannelSettings, Credentials, Protection, Proxy
 from postbridge.mail.smtp import Attachment, SmtpReplyError, build_message, open_smtp
 from postbridge.trust.truststore import TrustStore

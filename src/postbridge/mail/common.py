@@ -19,10 +19,22 @@ import hmac
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from postbridge.errors import ConfigurationError, NetworkError, PostbridgeTimeout
+from postbridge.errors import ConfigurationError, NetworkError, PostbridgeTimeout, ProtocolError
 from postbridge.mail.settings import AuthMethod, ChannelSettings, Credentials, Protection, Proxy
 
 _FORBIDDEN = ("\r", "\n", "\0")
+
+
+class MailProtocolError(ProtocolError):
+    """The mail server answered something that makes going on unsafe or impossible; ``reply`` is its words."""
+
+    def __init__(self, message: str, *, reply: str = "", hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.reply = reply
+
+
+class TlsDowngrade(MailProtocolError):
+    """The channel requires TLS and the server (or someone in between) would not let us have it."""
 
 
 class SaslMechanism(Protocol):

@@ -15,7 +15,6 @@ The session is blocking (run it in a thread from asyncio). No password, token or
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import imaplib
 import logging
@@ -26,23 +25,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from postbridge.errors import AuthenticationError, NetworkError, PostbridgeError, ProtocolError
+from postbridge.errors import AuthenticationError, NetworkError, PostbridgeError
 from postbridge.mail import transport
-from postbridge.mail.settings import AuthMethod, ChannelSettings, Protection, Proxy
+from postbridge.mail.common import MailProtocolError, TlsDowngrade, cleartext_allowed, scrub
+from postbridge.mail.settings import AuthMethod, ChannelSettings, Protection
 
 log = logging.getLogger("postbridge.mail.imap")
-
-
-class MailProtocolError(ProtocolError):
-    """The mail server answered something that makes going on unsafe or impossible; ``reply`` is its words."""
-
-    def __init__(self, message: str, *, reply: str = "", hint: str = "") -> None:
-        super().__init__(message, hint=hint)
-        self.reply = reply
-
-
-class TlsDowngrade(MailProtocolError):
-    """The channel requires TLS and the server (or someone in between) would not let us have it."""
 
 
 @dataclass(frozen=True)
@@ -118,7 +106,7 @@ class ImapSession:
         mandatory = settings.protection is Protection.STARTTLS_MANDATORY
         if imap.state == "AUTH":  # PREAUTH: the server skipped authentication, and with it STARTTLS
             if mandatory or not settings.allow_cleartext_auth:
-                self.close()
+                self.abort()
                 raise TlsDowngrade(
                     f"{settings.address} greeted with PREAUTH, so STARTTLS is impossible and mail would flow in clear",
                     hint="use protection 'tls' (IMAPS, port 993) or fix the server; PREAUTH before TLS is also "
@@ -127,7 +115,7 @@ class ImapSession:
             return
         if "STARTTLS" not in imap.capabilities:
             if mandatory:
-                self.close()
+                self.abort()
                 raise TlsDowngrade(
                     f"{settings.address} does not offer STARTTLS (capabilities: {' '.join(imap.capabilities)})",
                     hint="use protection 'tls' for an implicit-TLS port (993); with a 'tcp-tls' mapping use 'off'; "
@@ -138,26 +126,18 @@ class ImapSession:
         try:
             typ, data = imap._simple_command("STARTTLS")
         except imaplib.IMAP4.error as exc:
-            self.close()
+            self.abort()
             raise TlsDowngrade(
                 f"{settings.address} refused STARTTLS: {exc}", hint="the server's TLS is broken"
             ) from exc
         if typ != "OK":
-            self.close()
+            self.abort()
             raise TlsDowngrade(
                 f"{settings.address} answered STARTTLS with {typ}",
                 reply=_text(data),
                 hint="the server's TLS set-up is broken (or an attacker answered for it): not going on in clear",
             )
-        leftover = transport.unread_bytes(imap.file, imap.sock)  # type: ignore[arg-type]
-        if leftover:
-            self.close()
-            raise MailProtocolError(
-                f"{settings.address} sent {len(leftover)} bytes after the STARTTLS answer, before TLS began",
-                hint="this is how response injection works (a man in the middle); connection aborted",
-            )
-        imap.file.close()  # the clear-text reader: nothing in it may be used any more
-        imap.sock = transport.wrap(imap.sock, settings)
+        imap.sock = transport.secure_after_starttls(settings, imap.file, imap.sock, "STARTTLS", self.abort)  # type: ignore[arg-type]
         imap.file = imap.sock.makefile("rb")
         imap._tls_established = True  # type: ignore[attr-defined]
         self._mark_tls(imap.sock)
@@ -165,18 +145,14 @@ class ImapSession:
         imap._get_capabilities()
 
     def _cleartext_allowed(self) -> bool:
-        settings = self.settings
-        if self.tls or settings.allow_cleartext_auth:
-            return True
-        # the connector's 'tcp-tls' mapping encrypts the way to the server; the tunnel encrypts the rest
-        return settings.protection is Protection.OFF and settings.proxy is Proxy.ON_PREMISE
+        return cleartext_allowed(self.settings, tls=self.tls)
 
     def _login(self, imap: _Imap4) -> None:
         settings = self.settings
         credentials = settings.credentials
         assert credentials is not None  # ChannelSettings guarantees it when auth is not none
         if not self._cleartext_allowed():
-            self.close()
+            self.abort()
             raise TlsDowngrade(
                 f"not sending credentials to {settings.address} without TLS",
                 hint="use protection 'starttls-mandatory' or 'tls'; only if you accept clear-text passwords, set "
@@ -208,7 +184,7 @@ class ImapSession:
                 typ, data = imap.authenticate("OAUTHBEARER", lambda _: token)
         except imaplib.IMAP4.error as exc:
             self.close()
-            reason = _scrub(str(exc), credentials.secret)
+            reason = scrub(str(exc), credentials.secret)
             raise AuthenticationError(
                 f"{settings.address} refused the login of '{credentials.user}' ({method}): {reason}",
                 hint="check user and password (or token) and the authentication methods the server offers",
@@ -391,6 +367,15 @@ class ImapSession:
         except (OSError, EOFError, imaplib.IMAP4.abort) as exc:
             raise self._dropped("during IDLE", exc) from exc
 
+    def abort(self) -> None:
+        """Hang up at once without another word (after a failed or tampered STARTTLS nothing more is said)."""
+        imap, self._imap = self._imap, None
+        if imap is not None:
+            with contextlib.suppress(OSError, ValueError):
+                imap.file.close()
+            with contextlib.suppress(OSError):
+                imap.sock.close()
+
     def close(self) -> None:
         imap, self._imap = self._imap, None
         if imap is None:
@@ -430,13 +415,6 @@ def _text(data: Any) -> str:
     if isinstance(data, bytes):
         return data.decode("utf-8", "replace")
     return str(data)
-
-
-def _scrub(text: str, secret: str) -> str:
-    if secret:
-        text = text.replace(secret, "***")
-        text = text.replace(base64.b64encode(secret.encode()).decode(), "***")
-    return text
 
 
 def append(session: ImapSession, folder: str, raw: bytes, flags: str = "") -> None:

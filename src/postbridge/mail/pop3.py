@@ -31,15 +31,16 @@ from types import TracebackType
 from postbridge.errors import AuthenticationError, ConfigurationError, NetworkError, PostbridgeError
 from postbridge.mail import transport
 from postbridge.mail.common import (
+    MailProtocolError,
     PlainMechanism,
     SaslMechanism,
+    TlsDowngrade,
     check_credentials,
     cleartext_allowed,
     connection_lost,
     sasl_mechanism,
     scrub,
 )
-from postbridge.mail.imap import MailProtocolError, TlsDowngrade
 from postbridge.mail.settings import AuthMethod, ChannelSettings, Protection
 
 log = logging.getLogger("postbridge.mail.pop3")
@@ -208,15 +209,7 @@ class Pop3Session:
                 reply=_text(answer),
                 hint="the server's TLS set-up is broken (or an attacker answered for it): not going on in clear",
             )
-        leftover = transport.unread_bytes(pop.file, pop.sock)  # type: ignore[arg-type]
-        if leftover:
-            self.close()
-            raise MailProtocolError(
-                f"{settings.address} sent {len(leftover)} bytes after the STLS answer, before TLS began",
-                hint="this is how response injection works (a man in the middle); connection aborted",
-            )
-        pop.file.close()  # the clear-text reader: nothing in it may be used any more
-        pop.sock = transport.wrap(pop.sock, settings)
+        pop.sock = transport.secure_after_starttls(settings, pop.file, pop.sock, "STLS", self.close)  # type: ignore[arg-type]
         pop.file = pop.sock.makefile("rb")
         pop._tls_established = True  # type: ignore[attr-defined]
         self._mark_tls(pop.sock)

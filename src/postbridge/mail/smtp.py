@@ -40,15 +40,16 @@ from postbridge.errors import AuthenticationError, ConfigurationError, NetworkEr
 from postbridge.mail import transport
 from postbridge.mail.common import (
     LoginMechanism,
+    MailProtocolError,
     PlainMechanism,
     SaslMechanism,
+    TlsDowngrade,
     check_credentials,
     cleartext_allowed,
     connection_lost,
     sasl_mechanism,
     scrub,
 )
-from postbridge.mail.imap import MailProtocolError, TlsDowngrade
 from postbridge.mail.settings import AuthMethod, ChannelSettings, Credentials, Protection
 
 __all__ = ["Attachment", "OutgoingMail", "SmtpReplyError", "SmtpSession", "build_message", "open_smtp"]
@@ -207,16 +208,8 @@ class SmtpSession:
                 hint="the server's TLS set-up is broken (or an attacker answered for it): not going on in clear",
             )
         assert smtp.sock is not None and smtp.file is not None  # getreply() made the reader
-        leftover = transport.unread_bytes(smtp.file, smtp.sock)
-        if leftover:
-            self.close()
-            raise MailProtocolError(
-                f"{settings.address} sent {len(leftover)} bytes after the STARTTLS answer, before TLS began",
-                hint="this is how response injection works (a man in the middle); connection aborted",
-            )
-        smtp.file.close()  # the clear-text reader: nothing in it may be used any more
+        smtp.sock = transport.secure_after_starttls(settings, smtp.file, smtp.sock, "STARTTLS", self.close)
         smtp.file = None
-        smtp.sock = transport.wrap(smtp.sock, settings)
         self._mark_tls(smtp.sock)
         # RFC 3207: forget everything learnt before TLS, then EHLO again
         smtp.helo_resp = smtp.ehlo_resp = None

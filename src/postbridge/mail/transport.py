@@ -17,11 +17,13 @@ from __future__ import annotations
 import io
 import socket
 import ssl
+from collections.abc import Callable
 
 from python_socks import ProxyConnectionError, ProxyError, ProxyTimeoutError, ProxyType
 from python_socks.sync import Proxy as SocksProxy
 
 from postbridge.errors import NetworkError, PostbridgeTimeout, TrustError
+from postbridge.mail.common import MailProtocolError
 from postbridge.mail.settings import ChannelSettings, Proxy
 from postbridge.trust.truststore import TrustStore
 
@@ -206,3 +208,19 @@ def unread_bytes(reader: io.BufferedReader, sock: socket.socket) -> bytes:
     finally:
         sock.settimeout(timeout)
     return bytes(buffered or b"") + pending
+
+
+def secure_after_starttls(
+    settings: ChannelSettings, reader: io.BufferedReader, sock: socket.socket, command: str, abort: Callable[[], None]
+) -> ssl.SSLSocket:
+    """After the server's positive answer to STARTTLS/STLS: refuse bytes that came after the answer (response
+    injection), close the clear-text reader, and do the verified handshake. Calls ``abort`` before raising."""
+    leftover = unread_bytes(reader, sock)
+    if leftover:
+        abort()
+        raise MailProtocolError(
+            f"{settings.address} sent {len(leftover)} bytes after the {command} answer, before TLS began",
+            hint="this is how response injection works (a man in the middle); connection aborted",
+        )
+    reader.close()  # the clear-text reader: nothing in it may be used any more
+    return wrap(sock, settings)
