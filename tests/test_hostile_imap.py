@@ -9,6 +9,7 @@ in clear text, and (c) nothing the attacker said before TLS was acted on.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 from collections.abc import Sequence
@@ -476,3 +477,38 @@ def test_leak_detector_sees_a_clear_text_login(keystore: Path) -> None:
     leaks = cleartext_leaks(transcript, PASSWORD)
     assert any("AUTHENTICATE" in leak for leak in leaks)
     assert any("secret crossed in clear" in leak for leak in leaks)
+
+
+def test_the_clear_text_greeting_is_discarded_with_the_rest_of_the_pre_tls_state(
+    keystore: Path, contexts: dict[str, ssl.SSLContext]
+) -> None:
+    """An attacker's greeting text (a fake warning, say) must not outlive STARTTLS."""
+    from postbridge.mail.imap import ImapSession
+
+    steps = [
+        Send(b"* OK ATTACKER SAYS: call +1-555-0100\r\n"),
+        Expect(b"CAPABILITY", tagged=True),
+        Send(b"* CAPABILITY IMAP4rev1 STARTTLS\r\n{tag} OK done\r\n"),
+        Expect(b"STARTTLS", tagged=True),
+        Send(b"{tag} OK go\r\n"),
+        StartTls(contexts["good"]),
+    ]
+
+    def after(line: bytes) -> bytes | None:
+        tag = line.split(b" ", 1)[0]
+        if b"CAPABILITY" in line.upper():
+            return b"* CAPABILITY " + POST_TLS_CAPS + b"\r\n" + tag + b" OK done\r\n"
+        if b"LOGIN" in line.upper() or b"AUTHENTICATE" in line.upper():
+            return tag + b" OK logged in\r\n"
+        return None
+
+    with FakeServer(steps, after_script=after) as server:
+        session = ImapSession(channel(server, Protection.STARTTLS_MANDATORY, keystore, auth=AuthMethod.NONE))
+        try:
+            with contextlib.suppress(PostbridgeError):
+                session.connect()  # auth 'none' on a server that wants a login: refused after TLS
+            imap = session._imap
+            assert imap is not None and session.tls
+            assert b"ATTACKER" not in (imap.welcome or b"")
+        finally:
+            session.abort()

@@ -141,6 +141,7 @@ class ImapSession:
         imap.file = imap.sock.makefile("rb")
         imap._tls_established = True  # type: ignore[attr-defined]
         self._mark_tls(imap.sock)
+        imap.welcome = b""  # the clear-text greeting is pre-TLS state too: never shown or used afterwards
         imap.untagged_responses.clear()  # nothing said before TLS counts: capabilities, ALERTs, referrals
         imap._get_capabilities()
 

@@ -210,6 +210,7 @@ class Pop3Session:
                 hint="the server's TLS set-up is broken (or an attacker answered for it): not going on in clear",
             )
         pop.sock = transport.secure_after_starttls(settings, pop.file, pop.sock, "STLS", self.close)  # type: ignore[arg-type]
+        self.greeting = ""  # the clear-text greeting is pre-TLS state: discarded with the rest
         pop.file = pop.sock.makefile("rb")
         pop._tls_established = True  # type: ignore[attr-defined]
         self._mark_tls(pop.sock)

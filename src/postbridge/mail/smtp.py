@@ -209,6 +209,7 @@ class SmtpSession:
             )
         assert smtp.sock is not None and smtp.file is not None  # getreply() made the reader
         smtp.sock = transport.secure_after_starttls(settings, smtp.file, smtp.sock, "STARTTLS", self.close)
+        self.greeting = ""  # the clear-text greeting is pre-TLS state: discarded with the rest
         smtp.file = None
         self._mark_tls(smtp.sock)
         # RFC 3207: forget everything learnt before TLS, then EHLO again
