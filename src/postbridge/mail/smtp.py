@@ -14,7 +14,8 @@ hub's SOCKS5 proxy), with these rules:
 
 One :class:`SmtpSession` sends any number of messages (each :meth:`SmtpSession.send` is one transaction; a
 refusal leaves the session usable). :func:`build_message` makes a message from a receiver channel's fields and
-refuses header injection (it lives in :mod:`compose`). The session is blocking. No password, token or message body is ever logged.
+refuses header injection (it lives in :mod:`compose`). The session is blocking. No password, token or message
+body is ever logged.
 """
 
 from __future__ import annotations

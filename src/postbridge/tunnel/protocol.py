@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import re
-from dataclasses import dataclass
 
 import h2.config
 import h2.connection
@@ -35,6 +34,48 @@ import hyperframe.frame
 
 from postbridge.addresses import HostPort, parse_host_port
 from postbridge.errors import ConfigurationError, TunnelProtocolError
+from postbridge.tunnel.events import (
+    ConnectRequested,
+    ControlAnswered,
+    ControlRequested,
+    DataReceived,
+    DrainRequested,
+    Event,
+    PingAnswered,
+    SessionEnded,
+    StreamAccepted,
+    StreamEnded,
+    StreamRefusal,
+    StreamReset,
+    WindowOpened,
+)
+
+__all__ = [
+    "CONNECTION_WINDOW",
+    "CONTROL_PATHS",
+    "MAX_CONTROL_BODY",
+    "MAX_FRAME_SIZE",
+    "MAX_STREAMS",
+    "REFUSALS",
+    "STREAM_WINDOW",
+    "ConnectRequested",
+    "ControlAnswered",
+    "ControlRequested",
+    "DataReceived",
+    "DrainRequested",
+    "Event",
+    "FrameGuard",
+    "PingAnswered",
+    "Role",
+    "SessionEnded",
+    "StreamAccepted",
+    "StreamEnded",
+    "StreamRefusal",
+    "StreamReset",
+    "TunnelConnection",
+    "WindowOpened",
+    "socks_reply_for",
+]
 
 STREAM_WINDOW = 4 * 1024 * 1024
 CONNECTION_WINDOW = 64 * 1024 * 1024
@@ -65,117 +106,6 @@ def socks_reply_for(reason: str) -> int:
     """SOCKS5 reply code for a refusal reason; unknown reasons are a general failure (0x01)."""
     return REFUSALS.get(reason, (0, 0x01))[1]
 
-
-# -- events (facts) ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ConnectRequested:
-    """Connector side: the hub asks for a tunneled connection to ``target`` (a virtual host:port)."""
-
-    stream_id: int
-    target: HostPort
-    trace_id: str
-
-
-@dataclass(frozen=True)
-class ControlRequested:
-    """Connector side: a complete control request (``GET /v1/info``, ``POST /v1/check``)."""
-
-    stream_id: int
-    method: str
-    path: str
-    body: bytes
-
-
-@dataclass(frozen=True)
-class StreamAccepted:
-    """Hub side: the connector connected the internal host; data may flow."""
-
-    stream_id: int
-
-
-@dataclass(frozen=True)
-class StreamRefusal:
-    """Hub side: the connector refused the stream (``reason`` as in :data:`REFUSALS`)."""
-
-    stream_id: int
-    reason: str
-    message: str
-
-
-@dataclass(frozen=True)
-class ControlAnswered:
-    """Hub side: the complete answer to a control request."""
-
-    stream_id: int
-    status: int
-    body: bytes
-
-
-@dataclass(frozen=True)
-class DataReceived:
-    """Bytes of a tunneled connection; acknowledge ``flow_length`` once they were written onward."""
-
-    stream_id: int
-    data: bytes
-    flow_length: int
-
-
-@dataclass(frozen=True)
-class StreamEnded:
-    """The peer will send no more on this stream (its FIN)."""
-
-    stream_id: int
-
-
-@dataclass(frozen=True)
-class StreamReset:
-    """The peer aborted the stream."""
-
-    stream_id: int
-    error_code: int
-
-
-@dataclass(frozen=True)
-class WindowOpened:
-    """The peer granted more send window; ``stream_id`` 0 means the whole connection."""
-
-    stream_id: int
-
-
-@dataclass(frozen=True)
-class PingAnswered:
-    payload: bytes
-
-
-@dataclass(frozen=True)
-class DrainRequested:
-    """Hub side: the connector asked for no new streams (it is shutting down)."""
-
-
-@dataclass(frozen=True)
-class SessionEnded:
-    """The peer closed the session with GOAWAY."""
-
-    error_code: int
-    reason: str
-
-
-Event = (
-    ConnectRequested
-    | ControlRequested
-    | StreamAccepted
-    | StreamRefusal
-    | ControlAnswered
-    | DataReceived
-    | StreamEnded
-    | StreamReset
-    | WindowOpened
-    | PingAnswered
-    | DrainRequested
-    | SessionEnded
-)
 
 _HEADER_TEXT = re.compile(r"[^\x20-\x7e]")
 
