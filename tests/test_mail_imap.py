@@ -151,3 +151,33 @@ def test_through_hub_and_connector_both_tls_setups(
         session.select("INBOX")
         assert not session.tls
         assert MESSAGE in [session.fetch(uid) for uid in session.search("ALL")]
+
+
+def test_boolean_settings_are_parsed_not_truth_tested() -> None:
+    from postbridge.errors import ConfigurationError
+    from postbridge.mail.settings import channel_from_mapping
+
+    base = {"address": "mail.corp.example:143"}
+    assert channel_from_mapping({**base, "allow_cleartext_auth": "false"}, source="t").allow_cleartext_auth is False
+    assert channel_from_mapping({**base, "allow_cleartext_auth": True}, source="t").allow_cleartext_auth is True
+    with pytest.raises(ConfigurationError, match="is not true or false"):
+        channel_from_mapping({**base, "use_system_trust": "maybe"}, source="t")
+    with pytest.raises(ConfigurationError, match="not a number of seconds"):
+        channel_from_mapping({**base, "timeout": "abc"}, source="t")
+
+
+def test_line_breaks_in_credentials_never_reach_the_server(dovecot: Dovecot, keystore: Path) -> None:
+    from postbridge.errors import ConfigurationError
+
+    injected = Credentials("alice", "secret\r\na2 DELETE INBOX")
+    with pytest.raises(ConfigurationError):
+        open_session(
+            settings(
+                dovecot,
+                keystore,
+                dovecot.imap_port,
+                Protection.STARTTLS_MANDATORY,
+                auth=AuthMethod.LOGIN,
+                credentials=injected,
+            )
+        )

@@ -261,3 +261,35 @@ def test_pop3_poll_keep_then_delete_hands_each_message_on_once(
     assert len(mine) == 3 and report.post_processed >= 3
     with open_pop3(channel) as session:
         assert all(tag not in session.retrieve(number) for number in session.uidl())
+
+
+def test_state_keeps_accounts_apart(dovecot: Dovecot, test_pki: TestPki, tmp_path: Path, state: SqliteState) -> None:
+    """The same message in two accounts' folders of the same name is handed on for each account."""
+    store = TrustStore(tmp_path / "ks2")
+    store.add(test_pki.root_pem.read_bytes(), alias="root")
+    raw = message(7)
+    folder = f"S{uuid.uuid4().hex[:8]}"
+    received: dict[str, int] = {}
+    for user in ("alice", "bob"):
+        channel = ChannelSettings(
+            address=HostPort(dovecot.host, dovecot.imaps_port),
+            protection=Protection.TLS,
+            credentials=Credentials(user, "secret"),
+            keystore=store.directory,
+            tls_server_name="mail.corp.example",
+        )
+        with open_session(channel) as opened:
+            opened.create_folder(folder)
+            append(opened, folder, raw)
+            handler = Collect()
+            poll_imap(opened, SenderSettings(folder=folder, post_processing=PostProcessing.KEEP), handler, state)
+            received[user] = len(handler.received)
+    assert received == {"alice": 1, "bob": 1}
+
+
+def test_a_bad_answer_after_login_is_our_error_not_imaplibs(session: ImapSession) -> None:
+    from postbridge.mail.common import MailProtocolError
+
+    session.select("INBOX")
+    with pytest.raises(MailProtocolError, match="UID SEARCH"):
+        session.search("NOT-A-SEARCH-KEY (")

@@ -21,14 +21,14 @@ import logging
 import re
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from postbridge.errors import AuthenticationError, NetworkError, PostbridgeError
 from postbridge.mail import transport
-from postbridge.mail.common import MailProtocolError, TlsDowngrade, cleartext_allowed, scrub
-from postbridge.mail.settings import AuthMethod, ChannelSettings, Protection
+from postbridge.mail.common import MailProtocolError, TlsDowngrade, check_credentials, cleartext_allowed, scrub
+from postbridge.mail.settings import AuthMethod, ChannelSettings, Credentials, Protection
 
 log = logging.getLogger("postbridge.mail.imap")
 
@@ -150,8 +150,7 @@ class ImapSession:
 
     def _login(self, imap: _Imap4) -> None:
         settings = self.settings
-        credentials = settings.credentials
-        assert credentials is not None  # ChannelSettings guarantees it when auth is not none
+        credentials = check_credentials(settings)  # no line breaks or NUL: they would inject commands
         if not self._cleartext_allowed():
             self.abort()
             raise TlsDowngrade(
@@ -170,11 +169,20 @@ class ImapSession:
                         f"{settings.address} announces LOGINDISABLED: it does not accept a password here",
                         hint="use TLS (protection 'starttls-mandatory' or 'tls')",
                     )
-                if method is AuthMethod.PLAIN and "AUTH=PLAIN" in caps:
-                    payload = f"\0{credentials.user}\0{credentials.secret}".encode()
+                if "AUTH=PLAIN" in caps and (method is AuthMethod.PLAIN or not _ascii(credentials)):
+                    payload = f"\0{credentials.user}\0{credentials.secret}".encode()  # SASL PLAIN is UTF-8
                     typ, data = imap.authenticate("PLAIN", lambda _: payload)
-                else:
-                    typ, data = imap.login(credentials.user, credentials.secret)
+                elif not _ascii(credentials):
+                    raise AuthenticationError(
+                        f"{settings.address} offers only LOGIN, which cannot carry a non-ASCII user or password",
+                        hint="use an ASCII password, or a server that offers AUTH=PLAIN",
+                    )
+                else:  # LOGIN with both arguments quoted (imaplib quotes only the password)
+                    typ, data = imap._simple_command(
+                        "LOGIN", imap._quote(credentials.user), imap._quote(credentials.secret)
+                    )
+                    if typ == "OK":
+                        imap.state = "AUTH"
             elif method is AuthMethod.CRAM_MD5:
                 typ, data = imap.login_cram_md5(credentials.user, credentials.secret)
             elif method is AuthMethod.XOAUTH2:
@@ -223,13 +231,28 @@ class ImapSession:
     def capabilities(self) -> tuple[str, ...]:
         return tuple(self.imap.capabilities)
 
+    def _call(self, what: str, command: Callable[..., tuple[str, Any]], *args: Any) -> tuple[str, Any]:
+        """Run an imaplib command; its exceptions (BAD answers, a dropped line) become ours."""
+        try:
+            return command(*args)
+        except imaplib.IMAP4.abort as exc:
+            raise self._dropped(f"during {what}", exc) from exc
+        except imaplib.IMAP4.error as exc:
+            raise MailProtocolError(f"{self.settings.address}: {what} failed: {exc}", reply=str(exc)) from exc
+        except (OSError, EOFError) as exc:
+            raise self._dropped(f"during {what}", exc) from exc
+
+    def _cmd(self, what: str, command: Callable[..., tuple[str, Any]], *args: Any) -> Any:
+        """Run a command that must answer OK; returns its data."""
+        return self._check(*self._call(what, command, *args), what)
+
     def _check(self, typ: str, data: Any, what: str) -> Any:
         if typ != "OK":
             raise MailProtocolError(f"{self.settings.address}: {what} failed: {_text(data)}", reply=_text(data))
         return data
 
     def list_folders(self) -> list[str]:
-        data = self._check(*self.imap.list(), "LIST")
+        data = self._cmd("LIST", self.imap.list)
         folders = []
         for line in data:
             if isinstance(line, bytes):
@@ -240,22 +263,21 @@ class ImapSession:
         return folders
 
     def select(self, folder: str, *, readonly: bool = False) -> Mailbox:
-        typ, data = self.imap.select(_quote(folder), readonly=readonly)
-        self._check(typ, data, f"SELECT {folder}")
+        data = self._cmd(f"SELECT {folder}", lambda: self.imap.select(_quote(folder), readonly=readonly))
         responses: dict[str, list[Any]] = self.imap.untagged_responses
         uidvalidity = int(responses.get("UIDVALIDITY", [b"0"])[-1])
         uidnext_raw = responses.get("UIDNEXT", [None])[-1]
         return Mailbox(folder, uidvalidity, int(data[0] or 0), int(uidnext_raw) if uidnext_raw else None)
 
     def search(self, criteria: str = "UNSEEN") -> list[int]:
-        data = self._check(*self.imap.uid("SEARCH", criteria), f"UID SEARCH {criteria}")
+        data = self._cmd(f"UID SEARCH {criteria}", self.imap.uid, "SEARCH", criteria)
         return sorted(int(uid) for uid in (data[0] or b"").split())
 
     def sizes(self, uids: Sequence[int]) -> dict[int, int]:
         """RFC822.SIZE of many messages in one round trip; UIDs that no longer exist are absent."""
         if not uids:
             return {}
-        data = self._check(*self.imap.uid("FETCH", _uid_set(uids), "(UID RFC822.SIZE)"), "UID FETCH RFC822.SIZE")
+        data = self._cmd("UID FETCH RFC822.SIZE", self.imap.uid, "FETCH", _uid_set(uids), "(UID RFC822.SIZE)")
         result: dict[int, int] = {}
         for item in data:
             line = item[0] if isinstance(item, tuple) else item
@@ -272,7 +294,7 @@ class ImapSession:
         """Whole messages without setting \\Seen (BODY.PEEK[]), many per round trip; missing UIDs are absent."""
         if not uids:
             return {}
-        data = self._check(*self.imap.uid("FETCH", _uid_set(uids), "(UID BODY.PEEK[])"), "UID FETCH BODY.PEEK[]")
+        data = self._cmd("UID FETCH BODY.PEEK[]", self.imap.uid, "FETCH", _uid_set(uids), "(UID BODY.PEEK[])")
         result: dict[int, bytes] = {}
         waiting: bytes | None = None  # a literal whose UID comes after it (servers may order items freely)
         for item in data:
@@ -295,7 +317,7 @@ class ImapSession:
 
     def store_flags(self, uids: int | Sequence[int], flags: str) -> None:
         uid_set = _uid_set(uids)
-        self._check(*self.imap.uid("STORE", uid_set, "+FLAGS.SILENT", f"({flags})"), f"UID STORE {uid_set}")
+        self._cmd(f"UID STORE {uid_set}", self.imap.uid, "STORE", uid_set, "+FLAGS.SILENT", f"({flags})")
 
     def expunge_uid(self, uids: int | Sequence[int]) -> None:
         """Remove exactly these messages: UID EXPUNGE (UIDPLUS). Never a bare EXPUNGE, which removes others' too."""
@@ -305,25 +327,25 @@ class ImapSession:
                 hint="use post-processing 'mark-read' or 'keep' with this server (the message stays flagged \\Deleted)",
             )
         uid_set = _uid_set(uids)
-        self._check(*self.imap.uid("EXPUNGE", uid_set), f"UID EXPUNGE {uid_set}")
+        self._cmd(f"UID EXPUNGE {uid_set}", self.imap.uid, "EXPUNGE", uid_set)
 
     def move(self, uids: int | Sequence[int], folder: str) -> None:
         """UID MOVE where offered, else COPY + \\Deleted + UID EXPUNGE."""
         uid_set = _uid_set(uids)
         if "MOVE" in self.capabilities:
-            self._check(*self.imap.uid("MOVE", uid_set, _quote(folder)), f"UID MOVE {uid_set}")
+            self._cmd(f"UID MOVE {uid_set}", self.imap.uid, "MOVE", uid_set, _quote(folder))
             return
-        self._check(*self.imap.uid("COPY", uid_set, _quote(folder)), f"UID COPY {uid_set}")
+        self._cmd(f"UID COPY {uid_set}", self.imap.uid, "COPY", uid_set, _quote(folder))
         self.store_flags(uids, "\\Deleted")
         self.expunge_uid(uids)
 
     def create_folder(self, folder: str) -> None:
-        typ, data = self.imap.create(_quote(folder))
+        typ, data = self._call(f"CREATE {folder}", self.imap.create, _quote(folder))
         if typ != "OK" and b"ALREADYEXISTS" not in b" ".join(x for x in data if isinstance(x, bytes)):
             self._check(typ, data, f"CREATE {folder}")
 
     def status(self, folder: str) -> dict[str, int]:
-        data = self._check(*self.imap.status(_quote(folder), "(MESSAGES UNSEEN UIDVALIDITY)"), f"STATUS {folder}")
+        data = self._cmd(f"STATUS {folder}", self.imap.status, _quote(folder), "(MESSAGES UNSEEN UIDVALIDITY)")
         found = re.findall(
             rb"(MESSAGES|UNSEEN|UIDVALIDITY) (\d+)", data[0] if data and isinstance(data[0], bytes) else b""
         )
@@ -410,6 +432,10 @@ def open_session(settings: ChannelSettings) -> ImapSession:
         raise session._dropped("during set-up", exc) from exc
 
 
+def _ascii(credentials: Credentials) -> bool:
+    return (credentials.user + credentials.secret).isascii()
+
+
 def _text(data: Any) -> str:
     if isinstance(data, list | tuple):
         return " ".join(_text(item) for item in data if item is not None)
@@ -420,5 +446,4 @@ def _text(data: Any) -> str:
 
 def append(session: ImapSession, folder: str, raw: bytes, flags: str = "") -> None:
     """Store a message in a folder (used by tests, the lab and 'archive' targets)."""
-    typ, data = session.imap.append(_quote(folder), f"({flags})" if flags else None, None, raw)
-    session._check(typ, data, f"APPEND {folder}")
+    session._cmd(f"APPEND {folder}", session.imap.append, _quote(folder), f"({flags})" if flags else None, None, raw)

@@ -107,7 +107,9 @@ def poll_imap(
     """
     report = PollReport()
     mailbox = session.select(settings.folder)
-    box = f"imap:{settings.folder}"
+    channel = session.settings
+    user = channel.credentials.user if channel.credentials else ""
+    box = f"imap:{user}@{channel.address}/{settings.folder}"  # one state per account and folder
     known = state.uidvalidity(box)
     revalidated = known is not None and known != mailbox.uidvalidity
     if revalidated:

@@ -3,7 +3,8 @@
 A channel is where mail is read (IMAP/POP3 *sender* channel) or sent (SMTP *receiver* channel): address, proxy
 (``internet`` or ``on-premise`` through the hub's SOCKS5 proxy and a location ID), protection, authentication and
 trust. Values are validated once, here, with messages that quote the bad value; TOML files are loaded with
-``tomllib`` and report the file and key. This module must not do network I/O.
+``tomllib`` and report the file and key. This module must not do network I/O itself; a ``credential`` name is
+handed to the caller's resolver (the credential store, which may fetch an OAuth2 access token).
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from __future__ import annotations
 import enum
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from postbridge.addresses import HostPort, parse_host_port
 from postbridge.errors import ConfigurationError
@@ -48,6 +50,13 @@ class Credentials:
 
     user: str
     secret: str = field(repr=False)
+
+
+@runtime_checkable
+class CredentialResolver(Protocol):
+    """Turns a credential name into a user and a secret (``postbridge.trust.credentials.CredentialStore``)."""
+
+    def resolve(self, name: str) -> Credentials: ...
 
 
 @dataclass(frozen=True)
@@ -155,11 +164,39 @@ def parse_enum(enum_type: type[enum.StrEnum], value: str, what: str) -> Any:
         raise ConfigurationError(f"{what} '{value}' is not one of: {allowed}") from None
 
 
-def channel_from_mapping(data: dict[str, Any], *, source: str) -> ChannelSettings:
-    """Build settings from a TOML table / dict of strings (keys as in the docs); quotes the bad key."""
+def parse_bool(value: Any, what: str) -> bool:
+    """true/false as TOML booleans or the usual words; anything else is an error (never bool("false"))."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "on", "1"):
+        return True
+    if text in ("false", "no", "off", "0", ""):
+        return False
+    raise ConfigurationError(f"{what} '{value}' is not true or false")
+
+
+def parse_seconds(value: Any, what: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigurationError(f"{what} '{value}' is not a number of seconds") from None
+
+
+def channel_from_mapping(
+    data: dict[str, Any],
+    *,
+    source: str,
+    credentials: CredentialResolver | Callable[[str], Credentials] | None = None,
+) -> ChannelSettings:
+    """Build settings from a TOML table / dict of strings (keys as in the docs); quotes the bad key.
+
+    ``credential = "NAME"`` (instead of ``user``/``password``) is resolved through ``credentials`` (a credential
+    store or a callable); raises ConfigurationError without one, and what the resolver raises.
+    """
     known = {
         "address", "proxy", "location_id", "binding", "timeout", "protection", "auth", "user", "password",
-        "tls_server_name", "allow_cleartext_auth", "keystore", "use_system_trust",
+        "credential", "tls_server_name", "allow_cleartext_auth", "keystore", "use_system_trust",
     }  # fmt: skip
     unknown = sorted(set(data) - known)
     if unknown:
@@ -170,18 +207,34 @@ def channel_from_mapping(data: dict[str, Any], *, source: str) -> ChannelSetting
         raise ConfigurationError(f"{source}: 'address' is missing", hint='e.g. address = "mail.corp.example:143"')
     proxy = parse_enum(Proxy, str(data.get("proxy", "internet")), f"{source}: proxy")
     user = data.get("user")
-    credentials = Credentials(str(user), str(data.get("password", ""))) if user else None
+    resolved = Credentials(str(user), str(data.get("password", ""))) if user else None
+    credential = str(data.get("credential") or "")
+    if credential:
+        if user or data.get("password"):
+            raise ConfigurationError(
+                f"{source}: both credential '{credential}' and a user/password are given",
+                hint="keep either 'credential' (a name in the credential store) or 'user' and 'password'",
+            )
+        if credentials is None:
+            raise ConfigurationError(
+                f"{source}: credential '{credential}' cannot be looked up here (no credential store given)",
+                hint="use 'postbridge mail … --credential NAME', or give user and password",
+            )
+        if isinstance(credentials, CredentialResolver):
+            resolved = credentials.resolve(credential)
+        else:
+            resolved = credentials(credential)
     return ChannelSettings(
         address=parse_host_port(str(data["address"]), what=f"{source}: address"),
         proxy=proxy,
         location_id=str(data.get("location_id", "")),
         binding=Binding.load(data.get("binding")) if proxy is Proxy.ON_PREMISE else None,
-        timeout=float(data.get("timeout", 30.0)),
+        timeout=parse_seconds(data.get("timeout", 30.0), f"{source}: timeout"),
         protection=parse_enum(Protection, str(data.get("protection", "starttls-mandatory")), f"{source}: protection"),
-        auth=parse_enum(AuthMethod, str(data.get("auth", "plain" if user else "none")), f"{source}: auth"),
-        credentials=credentials,
+        auth=parse_enum(AuthMethod, str(data.get("auth", "plain" if resolved else "none")), f"{source}: auth"),
+        credentials=resolved,
         tls_server_name=data.get("tls_server_name") or None,
-        allow_cleartext_auth=bool(data.get("allow_cleartext_auth", False)),
+        allow_cleartext_auth=parse_bool(data.get("allow_cleartext_auth", False), f"{source}: allow_cleartext_auth"),
         keystore=Path(str(data["keystore"])) if data.get("keystore") else None,
-        use_system_trust=bool(data.get("use_system_trust", False)),
+        use_system_trust=parse_bool(data.get("use_system_trust", False), f"{source}: use_system_trust"),
     )
