@@ -73,7 +73,12 @@ def connect(settings: ChannelSettings) -> socket.socket:
             ) from exc
         except ProxyError as exc:
             code = exc.error_code if isinstance(exc.error_code, int) else None
-            words, meaning = SOCKS_DIAGNOSES.get(code or 0, ("refused", "the hub refused the connection"))
+            if code is None:  # no reply code: the proxy broke the protocol or closed
+                raise MailConnectError(
+                    f"the hub's SOCKS5 proxy {binding.socks} failed without a reply code: {exc}",
+                    hint="check that the binding's proxy address is the hub's SOCKS5 port",
+                ) from exc
+            words, meaning = SOCKS_DIAGNOSES.get(code, ("refused", "the hub refused the connection"))
             where = f"location '{settings.location_id}'" if settings.location_id else "the default location"
             raise MailConnectError(
                 f'SOCKS5 reply 0x{code or 0:02x} "{words}" for {target} at {where}: {meaning}',
@@ -120,7 +125,7 @@ def tls_context(settings: ChannelSettings) -> ssl.SSLContext:
     context.verify_mode = ssl.CERT_REQUIRED
     anchors = 0
     if settings.keystore is not None:
-        bundle = TrustStore(settings.keystore).pem_bundle()
+        bundle = TrustStore(settings.keystore, command="postbridge keystore").pem_bundle()
         if bundle:
             context.load_verify_locations(cadata=bundle)
             context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # a stored intermediate is enough
@@ -170,7 +175,7 @@ def wrap(sock: socket.socket, settings: ChannelSettings, context: ssl.SSLContext
 def _verify_hint(exc: ssl.SSLCertVerificationError, name: str) -> str:
     code = exc.verify_code
     if code in (18, 19, 20, 21):  # self-signed, self-signed in chain, unknown issuer, unable to verify leaf
-        return "add the server's root CA (and intermediates) to the keystore ('postbridge test ... --add-to-keystore')"
+        return "add the server's root CA (and intermediates) to the keystore: 'postbridge keystore add FILE'"
     if code == 10:
         return "the server's certificate has expired: the mail server's administrator must renew it"
     if code == 9:
