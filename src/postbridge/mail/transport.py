@@ -81,7 +81,7 @@ def connect(settings: ChannelSettings) -> socket.socket:
             words, meaning = SOCKS_DIAGNOSES.get(code, ("refused", "the hub refused the connection"))
             where = f"location '{settings.location_id}'" if settings.location_id else "the default location"
             raise MailConnectError(
-                f'SOCKS5 reply 0x{code or 0:02x} "{words}" for {target} at {where}: {meaning}',
+                f'SOCKS5 reply 0x{code:02x} "{words}" for {target} at {where}: {meaning}',
                 socks_reply=code,
                 hint=_socks_hint(code, settings),
             ) from exc
