@@ -181,3 +181,34 @@ def test_line_breaks_in_credentials_never_reach_the_server(dovecot: Dovecot, key
                 credentials=injected,
             )
         )
+
+
+@pytest.mark.e2e
+def test_hub_refusals_are_explained_to_the_mail_adapter(stack: Stack, connected: Connector, keystore: Path) -> None:
+    from postbridge.mail.transport import MailConnectError
+
+    binding = Binding(socks=HostPort("127.0.0.1", stack.socks_port), subaccount="acme", client_secret=stack.secret)
+
+    def channel(location: str, secret: str = "") -> ChannelSettings:
+        used = Binding(socks=binding.socks, subaccount="acme", client_secret=secret) if secret else binding
+        return ChannelSettings(
+            address=HostPort("unmapped.corp.example", 143),
+            proxy=Proxy.ON_PREMISE,
+            location_id=location,
+            binding=used,
+            protection=Protection.STARTTLS_MANDATORY,
+            credentials=Credentials("alice", "secret"),
+            keystore=keystore,
+        )
+
+    with pytest.raises(MailConnectError) as unmapped:
+        open_session(channel("dc1"))
+    assert unmapped.value.socks_reply == 2
+    assert "Connection not allowed by ruleset" in unmapped.value.message
+    assert "postbridge connector mapping add unmapped.corp.example:143" in unmapped.value.hint
+    with pytest.raises(MailConnectError) as elsewhere:
+        open_session(channel("dc9"))
+    assert elsewhere.value.socks_reply == 3 and "location_id" in elsewhere.value.hint
+    with pytest.raises(MailConnectError) as refused:
+        open_session(channel("dc1", secret="wrong"))
+    assert refused.value.socks_reply == 5
