@@ -12,6 +12,7 @@ import typer
 from rich.table import Table
 
 from postbridge.addresses import parse_host_port
+from postbridge.cli import certs_view
 from postbridge.cli.common import console, ctx_obj, print_json, run_async, run_command, setup_logging
 from postbridge.connector.agent import Connector, ConnectorConfig
 from postbridge.connector.check import check_mapping
@@ -194,33 +195,20 @@ def trust_add(
 
 
 @trust_app.command("list")
-def trust_list(ctx: typer.Context, json_output: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """List trusted certificates with expiry."""
+def trust_list(
+    ctx: typer.Context,
+    json_output: Annotated[bool, typer.Option("--json")] = False,
+    check: Annotated[
+        bool, typer.Option("--check", help="Also check that each chain builds; exit code 1 if one does not.")
+    ] = False,
+) -> None:
+    """List trusted certificates: subject, issuer, validity, SANs, fingerprint, expiry warnings."""
 
-    def body() -> None:
-        entries = _state(ctx).truststore.list()
-        if json_output:
-            print_json(
-                [
-                    {
-                        "alias": e.alias,
-                        "subject": e.info.subject,
-                        "not_after": e.info.not_after.isoformat(),
-                        "fingerprint": e.info.fingerprint,
-                    }
-                    for e in entries
-                ]
-            )
-            return
-        table = Table("alias", "subject", "expires", "SHA-256")
-        for e in entries:
-            expiry = f"{e.info.not_after:%Y-%m-%d}"
-            if e.info.expires_within(30):
-                expiry = f"[red]{expiry} (soon)[/]"
-            table.add_row(e.alias, e.info.subject, expiry, e.info.fingerprint[:23] + "…")
-        console.print(table)
+    def body() -> bool:
+        return certs_view.list_store(_state(ctx).truststore, console, json_output=json_output, check=check)
 
-    run_command(body)
+    if not run_command(body):
+        raise typer.Exit(1)
 
 
 @trust_app.command("remove")

@@ -1,13 +1,14 @@
 """A trust store: a folder of PEM files, one trusted certificate each, and the TLS client context it makes.
 
 The connector uses one as its *backend trust store* (the certificates it trusts when it opens TLS to an
-internal mail server for a ``TCP TLS`` mapping); the cloud keystore of the mail adapter reuses the same class.
+internal mail server for a ``TCP TLS`` mapping); the cloud keystore of the mail adapter (``HOME/keystore``,
+``postbridge keystore ...``) reuses the same class, constructed with its own ``command`` for the hints.
 A file is ``<alias>.pem``; aliases are 1-64 characters of ``[A-Za-z0-9._-]`` that do not start with '.'.
 Files are written atomically with mode 0600 in a folder of mode 0700.
 
-This module owns adding (all-or-nothing), listing, removing and the ``ssl.SSLContext`` built ONLY from the
-store's certificates. It must not open connections, consult the system trust store, or offer any "trust all"
-switch: an empty store trusts nothing.
+This module owns adding (all-or-nothing), listing, looking up, removing and the ``ssl.SSLContext`` built ONLY
+from the store's certificates. It must not open connections, consult the system trust store, or offer any
+"trust all" switch: an empty store trusts nothing.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from postbridge.trust.pki import CertificateInfo, cert_pem, describe, load_certi
 
 _ALIAS = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
 _SUFFIX = ".pem"
-_ADD_HINT = "add the CA of the internal mail server with 'postbridge connector truststore add FILE'"
+DEFAULT_COMMAND = "postbridge connector truststore"
+_MIN_PREFIX = 8  # hex digits of a fingerprint prefix that get() accepts (listings show 16)
+_HEX = re.compile(r"^[0-9A-F]+$")
 
 # (folder mtime, ((file name, mtime, size, inode), ...)) — what the cached SSL context was built from
 _Stamp = tuple[int, tuple[tuple[str, int, int, int], ...]]
@@ -47,6 +50,7 @@ class TrustEntry:
 class _Loaded:
     entry: TrustEntry
     pem: str
+    certificate: x509.Certificate
 
 
 def validate_alias(alias: str) -> str:
@@ -62,10 +66,15 @@ def validate_alias(alias: str) -> str:
 
 
 class TrustStore:
-    """The certificates in ``directory`` (created on first :meth:`add`) and the TLS context they make."""
+    """The certificates in ``directory`` (created on first :meth:`add`) and the TLS context they make.
 
-    def __init__(self, directory: Path) -> None:
+    ``command`` is the CLI group that manages this store; hints in error messages name it.
+    """
+
+    def __init__(self, directory: Path, *, command: str = DEFAULT_COMMAND) -> None:
         self.directory = Path(directory)
+        self.command = command
+        self._add_hint = f"add the CA of the internal mail server with '{command} add FILE'"
         self._lock = threading.Lock()
         self._cached: tuple[_Stamp, ssl.SSLContext] | None = None
 
@@ -96,7 +105,7 @@ class TrustStore:
                 raise ConfigurationError(
                     f"{where} ('{info.subject}') is already in the trust store as '{existing}'",
                     hint="it is trusted already; to rename it, remove "
-                    f"'{existing}' first with 'postbridge connector truststore remove {existing}'",
+                    f"'{existing}' first with '{self.command} remove {existing}'",
                 )
             if any(other.fingerprint == info.fingerprint for _, _, other in planned):
                 raise ConfigurationError(
@@ -122,6 +131,20 @@ class TrustStore:
         certificate (the store is not trusted partially)."""
         return [item.entry for item in self._load_checked()]
 
+    def certificates(self) -> builtins.list[tuple[TrustEntry, x509.Certificate]]:
+        """All entries with their parsed certificates, sorted by alias; raises as list()."""
+        return [(item.entry, item.certificate) for item in self._load_checked()]
+
+    def get(self, alias_or_fingerprint: str) -> tuple[TrustEntry, x509.Certificate]:
+        """The entry with this alias, SHA-256 fingerprint, or unique fingerprint prefix (8 hex digits or more,
+        as the listings show it, with or without ':' and a trailing '…').
+
+        Raises ConfigurationError when there is none (listing the aliases) or the prefix is ambiguous, TrustError
+        when the alias names an unreadable file.
+        """
+        item = self._find(alias_or_fingerprint, allow_prefix=True)
+        return item.entry, item.certificate
+
     def expiring_within(self, days: float, now: datetime | None = None) -> builtins.list[TrustEntry]:
         """Entries that are expired or expire within ``days`` days (to warn about them); raises as list()."""
         return [entry for entry in self.list() if entry.info.expires_within(days, now)]
@@ -132,24 +155,7 @@ class TrustStore:
         Raises ConfigurationError when there is none (listing the aliases), TrustError when the alias names an
         unreadable file (delete that by hand).
         """
-        key = alias_or_fingerprint.strip()
-        loaded, problems = self._scan()
-        target = next((item.entry for item in loaded if item.entry.alias == key), None)
-        if target is None:
-            for path, reason in problems:
-                if path.name == key + _SUFFIX:
-                    raise TrustError(f"trust store file '{path}' {reason}", hint="delete the file by hand")
-            try:
-                wanted = parse_fingerprint(key)
-            except ConfigurationError:
-                wanted = ""
-            target = next((item.entry for item in loaded if item.entry.info.fingerprint == wanted), None)
-        if target is None:
-            aliases = ", ".join(item.entry.alias for item in loaded)
-            raise ConfigurationError(
-                f"the trust store '{self.directory}' has no certificate with alias or fingerprint '{key}'",
-                hint=f"its aliases are: {aliases}" if aliases else "the trust store is empty",
-            )
+        target = self._find(alias_or_fingerprint, allow_prefix=False).entry
         path = self._path(target.alias)
         try:
             path.unlink()
@@ -176,7 +182,9 @@ class TrustStore:
                 return self._cached[1]
             loaded = self._load_checked()
             if not loaded:
-                raise TrustError("the backend trust store is empty, so no TLS server can be trusted", hint=_ADD_HINT)
+                raise TrustError(
+                    "the backend trust store is empty, so no TLS server can be trusted", hint=self._add_hint
+                )
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
             context.minimum_version = ssl.TLSVersion.TLSv1_2
             context.verify_mode = ssl.CERT_REQUIRED
@@ -194,6 +202,38 @@ class TrustStore:
             return context
 
     # --- internals -----------------------------------------------------------------------------------------
+
+    def _find(self, alias_or_fingerprint: str, *, allow_prefix: bool) -> _Loaded:
+        key = alias_or_fingerprint.strip()
+        loaded, problems = self._scan()
+        target = next((item for item in loaded if item.entry.alias == key), None)
+        if target is None:
+            for path, reason in problems:
+                if path.name == key + _SUFFIX:
+                    raise TrustError(f"trust store file '{path}' {reason}", hint="delete the file by hand")
+            try:
+                wanted = parse_fingerprint(key)
+            except ConfigurationError:
+                wanted = ""
+            target = next((item for item in loaded if item.entry.info.fingerprint == wanted), None)
+        if target is None and allow_prefix:
+            prefix = key.rstrip("….").replace(":", "").upper()
+            if len(prefix) >= _MIN_PREFIX and _HEX.match(prefix):
+                matches = [item for item in loaded if item.entry.info.fingerprint.replace(":", "").startswith(prefix)]
+                if len(matches) > 1:
+                    raise ConfigurationError(
+                        f"fingerprint prefix '{key}' matches {len(matches)} certificates: "
+                        + ", ".join(item.entry.alias for item in matches),
+                        hint="give the alias or the full SHA-256 fingerprint",
+                    )
+                target = matches[0] if matches else None
+        if target is None:
+            aliases = ", ".join(item.entry.alias for item in loaded)
+            raise ConfigurationError(
+                f"the trust store '{self.directory}' has no certificate with alias or fingerprint '{key}'",
+                hint=f"its aliases are: {aliases}" if aliases else "the trust store is empty",
+            )
+        return target
 
     def _path(self, alias: str) -> Path:
         return self.directory / f"{alias}{_SUFFIX}"
@@ -235,7 +275,8 @@ class TrustStore:
             except TrustError as exc:
                 problems.append((path, f"is not one readable certificate ({exc.message})"))
                 continue
-            loaded.append(_Loaded(TrustEntry(alias, info), cert_pem(certificates[0]).decode("ascii")))
+            pem = cert_pem(certificates[0]).decode("ascii")
+            loaded.append(_Loaded(TrustEntry(alias, info), pem, certificates[0]))
         loaded.sort(key=lambda item: item.entry.alias)
         return loaded, problems
 
@@ -245,7 +286,7 @@ class TrustStore:
             listing = "; ".join(f"'{path}' {reason}" for path, reason in problems)
             raise TrustError(
                 f"the trust store '{self.directory}' has unusable files: {listing}",
-                hint="delete or replace them; " + _ADD_HINT,
+                hint="delete or replace them; " + self._add_hint,
             )
         return loaded
 
