@@ -1,7 +1,8 @@
 """``postbridge mail …``: read a mailbox once (``poll``) and send mail (``send``) with every channel setting.
 
 Settings come from options or a TOML file (``--config FILE``; keys as in ``docs/operations.md``), options winning.
-Passwords are read from ``--password-stdin`` or ``POSTBRIDGE_MAIL_PASSWORD``, never from the command line.
+Passwords are read from ``--password-stdin`` or ``POSTBRIDGE_MAIL_PASSWORD``, never from the command line, or come
+from the credential store (``--credential NAME`` / ``credential = "NAME"``, see ``postbridge credentials``).
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ from postbridge.mail.poller import (
     poll_pop3,
 )
 from postbridge.mail.pop3 import open_pop3
-from postbridge.mail.settings import ChannelSettings, channel_from_mapping, parse_enum
+from postbridge.mail.settings import ChannelSettings, CredentialResolver, channel_from_mapping, parse_enum
 from postbridge.mail.smtp import Attachment, build_message, open_smtp
 from postbridge.mail.state import SqliteState
+from postbridge.trust.credentials import CredentialStore
 
 app = typer.Typer(
     help="Read and send mail through the mail adapter (directly or through the connector).", no_args_is_help=True
@@ -43,9 +45,17 @@ PASSWORD_ENV = "POSTBRIDGE_MAIL_PASSWORD"
 
 
 def load_channel(
-    config: Path | None, section: str, options: dict[str, Any], password_stdin: bool
+    config: Path | None,
+    section: str,
+    options: dict[str, Any],
+    password_stdin: bool,
+    credentials: CredentialResolver | None = None,
 ) -> tuple[ChannelSettings, dict[str, Any]]:
-    """Merge the TOML section (if any) with the options given; returns the channel and the remaining keys."""
+    """Merge the TOML section (if any) with the options given; returns the channel and the remaining keys.
+
+    Options win: ``--credential`` replaces a user/password from the file, ``--user``/``--password-stdin`` replace
+    a ``credential`` from the file. ``credentials`` resolves a credential name.
+    """
     data: dict[str, Any] = {}
     if config is not None:
         try:
@@ -58,17 +68,25 @@ def load_channel(
         if not isinstance(table, dict):
             raise ConfigurationError(f"'{config}': [{section}] must be a table")
         data.update(table)
-    data.update({key: value for key, value in options.items() if value not in (None, "")})
+    given = {key: value for key, value in options.items() if value not in (None, "")}
+    if "credential" in given:
+        data.pop("user", None)
+        data.pop("password", None)
+    elif "user" in given or password_stdin:
+        data.pop("credential", None)
+    data.update(given)
     if password_stdin:
         data["password"] = sys.stdin.readline().rstrip("\n")
-    elif "password" not in data and os.environ.get(PASSWORD_ENV):
+    elif "password" not in data and "credential" not in data and os.environ.get(PASSWORD_ENV):
         data["password"] = os.environ[PASSWORD_ENV]
     channel_keys = {
         "address", "proxy", "location_id", "binding", "timeout", "protection", "auth", "user", "password",
-        "tls_server_name", "allow_cleartext_auth", "keystore", "use_system_trust",
+        "credential", "tls_server_name", "allow_cleartext_auth", "keystore", "use_system_trust",
     }  # fmt: skip
     channel = channel_from_mapping(
-        {k: v for k, v in data.items() if k in channel_keys}, source=str(config or "options")
+        {k: v for k, v in data.items() if k in channel_keys},
+        source=str(config or "options"),
+        credentials=credentials,
     )
     rest = {k: v for k, v in data.items() if k not in channel_keys}
     return channel, rest
@@ -86,6 +104,7 @@ def poll(
     auth: Annotated[str, typer.Option(help="none | plain | login | cram-md5 | xoauth2 | oauthbearer")] = "",
     user: Annotated[str, typer.Option(help="User name.")] = "",
     password_stdin: Annotated[bool, typer.Option(help=f"Read the password from stdin (else ${PASSWORD_ENV}).")] = False,
+    credential: Annotated[str, typer.Option(help="Name in the credential store (instead of --user).")] = "",
     tls_server_name: Annotated[str, typer.Option(help="Name the server certificate must carry.")] = "",
     keystore: Annotated[
         str, typer.Option(help="Trust store folder (roots + intermediates); default HOME/keystore.")
@@ -108,9 +127,9 @@ def poll(
         options = {
             "address": address, "proxy": proxy, "location_id": location_id, "binding": binding,
             "protection": protection, "auth": auth, "user": user, "tls_server_name": tls_server_name,
-            "keystore": keystore or str(home / "keystore"),
+            "keystore": keystore or str(home / "keystore"), "credential": credential,
         }  # fmt: skip
-        channel, _ = load_channel(config, "sender", options, password_stdin)
+        channel, _ = load_channel(config, "sender", options, password_stdin, CredentialStore(home))
         kind = protocol.strip().lower()
         if kind not in ("imap", "pop3"):
             raise ConfigurationError(f"--protocol '{protocol}' is not one of: imap, pop3")
@@ -202,6 +221,7 @@ def send(
     auth: Annotated[str, typer.Option(help="none | plain | login | cram-md5 | xoauth2 | oauthbearer")] = "",
     user: Annotated[str, typer.Option(help="User name.")] = "",
     password_stdin: Annotated[bool, typer.Option(help=f"Read the password from stdin (else ${PASSWORD_ENV}).")] = False,
+    credential: Annotated[str, typer.Option(help="Name in the credential store (instead of --user).")] = "",
     tls_server_name: Annotated[str, typer.Option(help="Name the server certificate must carry.")] = "",
     keystore: Annotated[str, typer.Option(help="Trust store folder; default HOME/keystore.")] = "",
 ) -> None:
@@ -212,9 +232,9 @@ def send(
         options = {
             "address": address, "proxy": proxy, "location_id": location_id, "binding": binding,
             "protection": protection, "auth": auth, "user": user, "tls_server_name": tls_server_name,
-            "keystore": keystore or str(home / "keystore"),
+            "keystore": keystore or str(home / "keystore"), "credential": credential,
         }  # fmt: skip
-        channel, _ = load_channel(config, "receiver", options, password_stdin)
+        channel, _ = load_channel(config, "receiver", options, password_stdin, CredentialStore(home))
         body_text = sys.stdin.read() if text == "-" and not password_stdin else text
         attachments = []
         for path in attach or []:
