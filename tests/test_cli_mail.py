@@ -72,3 +72,47 @@ def test_send_then_poll_over_pop3(dovecot: Dovecot, test_pki: TestPki, tmp_path:
     [row] = [row for row in rows if row["subject"] == subject]
     parsed = email.message_from_bytes(Path(row["file"]).read_bytes())
     assert [part.get_filename() for part in parsed.walk() if part.get_filename()] == ["report.txt"]
+
+
+def test_poll_settings_come_from_the_toml_file_and_its_keystore_is_used(
+    dovecot: Dovecot, test_pki: TestPki, tmp_path: Path
+) -> None:
+    keystore = TrustStore(tmp_path / "my-keystore")  # not HOME/keystore: the file names it
+    keystore.add(test_pki.root_pem.read_bytes(), alias="corp-root")
+    folder = f"F{uuid.uuid4().hex[:8]}"
+    subject = f"toml poll {uuid.uuid4().hex}"
+    from postbridge.addresses import HostPort
+    from postbridge.mail.imap import append, open_session
+    from postbridge.mail.settings import ChannelSettings, Credentials, Protection
+
+    channel = ChannelSettings(
+        address=HostPort(dovecot.host, dovecot.imaps_port), protection=Protection.TLS,
+        credentials=Credentials("bob", "secret"), keystore=keystore.directory, tls_server_name="mail.corp.example",
+    )  # fmt: skip
+    with open_session(channel) as session:
+        session.create_folder(folder)
+        append(session, folder, f"From: a@corp.example\r\nSubject: {subject}\r\n\r\nx\r\n".encode())
+    config = tmp_path / "poll.toml"
+    config.write_text(
+        f'[sender]\naddress = "{dovecot.host}:{dovecot.imaps_port}"\nprotection = "tls"\nuser = "bob"\n'
+        f'tls_server_name = "mail.corp.example"\nkeystore = "{keystore.directory}"\nfolder = "{folder}"\n'
+        f'post_processing = "delete"\nallow_cleartext_auth = "false"\n'
+    )
+    result = cli(
+        tmp_path / "home", "mail", "poll", "--config", str(config), "--password-stdin", "--json", stdin="secret\n"
+    )
+    assert [json.loads(line)["subject"] for line in result.stdout.splitlines()] == [subject]
+    with open_session(channel) as session:
+        session.select(folder)
+        assert session.search("ALL") == []  # post_processing = "delete" from the file was applied
+    config.write_text(config.read_text() + 'flder = "typo"\n')
+    typo = cli(
+        tmp_path / "home", "mail", "poll", "--config", str(config), "--password-stdin", check=False, stdin="secret\n"
+    )
+    assert typo.returncode == 2 and "flder" in typo.stderr
+
+
+def test_a_user_without_a_password_is_refused_before_connecting(tmp_path: Path) -> None:
+    result = cli(tmp_path / "home", "mail", "poll", "--address", "127.0.0.1:1", "--user", "bob", check=False)
+    assert result.returncode == 2
+    assert "no password" in result.stderr and "--password-stdin" in result.stderr

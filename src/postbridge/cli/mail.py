@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from postbridge.cli.common import console, ctx_obj, run_command
+from postbridge.cli.common import console, ctx_obj, run_command, setup_logging
 from postbridge.errors import ConfigurationError
 from postbridge.mail.imap import open_session
 from postbridge.mail.poller import (
@@ -50,6 +50,7 @@ def load_channel(
     options: dict[str, Any],
     password_stdin: bool,
     credentials: CredentialResolver | None = None,
+    default_keystore: Path | None = None,
 ) -> tuple[ChannelSettings, dict[str, Any]]:
     """Merge the TOML section (if any) with the options given; returns the channel and the remaining keys.
 
@@ -79,6 +80,13 @@ def load_channel(
         data["password"] = sys.stdin.readline().rstrip("\n")
     elif "password" not in data and "credential" not in data and os.environ.get(PASSWORD_ENV):
         data["password"] = os.environ[PASSWORD_ENV]
+    if default_keystore is not None and not data.get("keystore"):
+        data["keystore"] = str(default_keystore)
+    if data.get("user") and "password" not in data and not data.get("credential"):
+        raise ConfigurationError(
+            f"a user ('{data['user']}') but no password was given",
+            hint=f"pass --password-stdin, set {PASSWORD_ENV}, or use a name from the credential store (--credential)",
+        )
     channel_keys = {
         "address", "proxy", "location_id", "binding", "timeout", "protection", "auth", "user", "password",
         "credential", "tls_server_name", "allow_cleartext_auth", "keystore", "use_system_trust",
@@ -96,7 +104,9 @@ def load_channel(
 def poll(
     ctx: typer.Context,
     address: Annotated[str, typer.Option(help="Mail server host:port (the virtual host for on-premise).")] = "",
-    config: Annotated[Path | None, typer.Option(help="TOML file with the channel settings ([sender] table).")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="TOML file with the channel settings (the \\[sender] table).")
+    ] = None,
     proxy: Annotated[str, typer.Option(help="'internet' or 'on-premise' (through the hub).")] = "",
     location_id: Annotated[str, typer.Option(help="Connector location ID for on-premise.")] = "",
     binding: Annotated[str, typer.Option(help="Binding file from 'postbridge cloud binding'.")] = "",
@@ -110,13 +120,16 @@ def poll(
         str, typer.Option(help="Trust store folder (roots + intermediates); default HOME/keystore.")
     ] = "",
     protocol: Annotated[str, typer.Option(help="imap | pop3")] = "imap",
-    folder: Annotated[str, typer.Option(help="Mailbox folder (IMAP).")] = "INBOX",
-    selection: Annotated[str, typer.Option(help="unread | all")] = "unread",
+    folder: Annotated[str | None, typer.Option(help="Mailbox folder (IMAP). Default INBOX.")] = None,
+    selection: Annotated[str | None, typer.Option(help="unread | all. Default unread.")] = None,
     post_processing: Annotated[
-        str, typer.Option(help="mark-read | delete | archive | archive-and-mark-read | keep")
-    ] = "keep",
-    archive_folder: Annotated[str, typer.Option(help="Folder for 'archive'.")] = "Archive",
-    max_messages: Annotated[int, typer.Option(help="At most this many messages.")] = 100,
+        str | None,
+        typer.Option(
+            help="IMAP: mark-read | delete | archive | archive-and-mark-read | keep; POP3: delete | keep. Default keep."
+        ),
+    ] = None,
+    archive_folder: Annotated[str | None, typer.Option(help="Folder for 'archive'. Default Archive.")] = None,
+    max_messages: Annotated[int | None, typer.Option(help="At most this many messages. Default 100.")] = None,
     save_dir: Annotated[Path | None, typer.Option(help="Write each message as an .eml file here.")] = None,
     json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per message.")] = False,
 ) -> None:
@@ -127,23 +140,34 @@ def poll(
         options = {
             "address": address, "proxy": proxy, "location_id": location_id, "binding": binding,
             "protection": protection, "auth": auth, "user": user, "tls_server_name": tls_server_name,
-            "keystore": keystore or str(home / "keystore"), "credential": credential,
+            "keystore": keystore, "credential": credential,
         }  # fmt: skip
-        channel, _ = load_channel(config, "sender", options, password_stdin, CredentialStore(home))
+        setup_logging(ctx_obj(ctx).log_level)
+        channel, rest = load_channel(
+            config, "sender", options, password_stdin, CredentialStore(home), default_keystore=home / "keystore"
+        )
         kind = protocol.strip().lower()
         if kind not in ("imap", "pop3"):
             raise ConfigurationError(f"--protocol '{protocol}' is not one of: imap, pop3")
+
+        def pick(option: Any, key: str, default: Any) -> Any:
+            return option if option is not None else rest.pop(key, default)
+
+        action = str(pick(post_processing, "post_processing", "keep"))
         sender = SenderSettings(
-            folder=folder,
-            selection=parse_enum(Selection, selection, "--selection"),
+            folder=str(pick(folder, "folder", "INBOX")),
+            selection=parse_enum(Selection, str(pick(selection, "selection", "unread")), "selection"),
             post_processing=(
-                parse_enum(PostProcessing, post_processing, "--post-processing")
-                if kind == "imap"
-                else PostProcessing.KEEP
+                parse_enum(PostProcessing, action, "post_processing") if kind == "imap" else PostProcessing.KEEP
             ),
-            archive_folder=archive_folder,
-            max_messages_per_poll=max_messages,
+            archive_folder=str(pick(archive_folder, "archive_folder", "Archive")),
+            max_messages_per_poll=int(pick(max_messages, "max_messages_per_poll", 100)),
         )
+        if rest:
+            raise ConfigurationError(
+                f"{config}: unknown setting(s) {', '.join(sorted(rest))} in [sender]",
+                hint="sender settings: folder, selection, post_processing, archive_folder, max_messages_per_poll",
+            )
         rows: list[dict[str, Any]] = []
 
         def handle(message: ReceivedMessage) -> None:
@@ -179,9 +203,15 @@ def poll(
                 with open_session(channel) as session:
                     report = poll_imap(session, sender, handle, state)
             else:
-                action = parse_enum(Pop3PostProcessing, post_processing, "--post-processing (POP3)")
+                pop_action = parse_enum(Pop3PostProcessing, action, "post_processing (POP3)")
                 with open_pop3(channel) as pop3:
-                    report = poll_pop3(pop3, handle, state, post_processing=action, max_messages_per_poll=max_messages)
+                    report = poll_pop3(
+                        pop3,
+                        handle,
+                        state,
+                        post_processing=pop_action,
+                        max_messages_per_poll=sender.max_messages_per_poll,
+                    )
         finally:
             state.close()
         if not json_lines:
@@ -190,7 +220,7 @@ def poll(
                 table.add_row(str(row["uid"]), str(row["size"]), row["from"], row["subject"])
             console.print(table)
             console.print(
-                f"{report.delivered} handed on, {report.post_processed} post-processed ({post_processing}), "
+                f"{report.delivered} handed on, {report.post_processed} post-processed ({action}), "
                 f"{report.skipped} already handled, {report.failed} failed, {report.quarantined} quarantined"
             )
         if report.errors or report.failed:
@@ -213,7 +243,9 @@ def send(
     header: Annotated[list[str] | None, typer.Option(help="Extra header 'Name: value'; repeat for more.")] = None,
     charset: Annotated[str, typer.Option(help="Charset of the text parts.")] = "utf-8",
     address: Annotated[str, typer.Option(help="SMTP server host:port (the virtual host for on-premise).")] = "",
-    config: Annotated[Path | None, typer.Option(help="TOML file with the channel settings ([receiver] table).")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="TOML file with the channel settings (the \\[receiver] table).")
+    ] = None,
     proxy: Annotated[str, typer.Option(help="'internet' or 'on-premise'.")] = "",
     location_id: Annotated[str, typer.Option(help="Connector location ID for on-premise.")] = "",
     binding: Annotated[str, typer.Option(help="Binding file from 'postbridge cloud binding'.")] = "",
@@ -232,10 +264,18 @@ def send(
         options = {
             "address": address, "proxy": proxy, "location_id": location_id, "binding": binding,
             "protection": protection, "auth": auth, "user": user, "tls_server_name": tls_server_name,
-            "keystore": keystore or str(home / "keystore"), "credential": credential,
+            "keystore": keystore, "credential": credential,
         }  # fmt: skip
-        channel, _ = load_channel(config, "receiver", options, password_stdin, CredentialStore(home))
-        body_text = sys.stdin.read() if text == "-" and not password_stdin else text
+        if text == "-" and password_stdin:
+            raise ConfigurationError(
+                "--text - and --password-stdin both want standard input",
+                hint=f"give the password in {PASSWORD_ENV} or the credential store, or the text as an argument",
+            )
+        setup_logging(ctx_obj(ctx).log_level)
+        channel, _ = load_channel(
+            config, "receiver", options, password_stdin, CredentialStore(home), default_keystore=home / "keystore"
+        )
+        body_text = sys.stdin.read() if text == "-" else text
         attachments = []
         for path in attach or []:
             try:
