@@ -92,7 +92,9 @@ class PollReport:
 
 def fingerprint(raw: bytes) -> str:
     """Message-ID, Date and size: stable across UIDVALIDITY changes and mailbox moves."""
-    headers = BytesHeaderParser().parsebytes(raw)
+    end = raw.find(b"\r\n\r\n")
+    head = raw if end < 0 else raw[: end + 2]  # only the header block: parsing the body costs and adds nothing
+    headers = BytesHeaderParser().parsebytes(head)
     basis = f"{headers.get('Message-ID', '')}|{headers.get('Date', '')}|{len(raw)}"
     return hashlib.sha256(basis.encode("utf-8", "replace")).hexdigest()[:32]
 
@@ -120,6 +122,8 @@ def poll_imap(
             mailbox.uidvalidity,
         )
     state.set_uidvalidity(box, mailbox.uidvalidity)
+    if settings.post_processing in (PostProcessing.ARCHIVE, PostProcessing.ARCHIVE_AND_MARK_READ):
+        session.create_folder(settings.archive_folder)  # once per poll, not once per batch
     criteria = "UNSEEN" if settings.selection is Selection.UNREAD else "ALL"
     if settings.post_processing is not PostProcessing.KEEP:
         criteria += " UNDELETED"
@@ -171,8 +175,7 @@ def poll_imap(
             report.errors.append(f"UIDs {handed[0][0]}..{handed[-1][0]}: post-processing failed: {exc}")
             log.error("%s: post-processing failed, will retry next poll: %s", settings.folder, exc)
             continue
-        for _, key in handed:
-            state.mark(key, "done")
+        state.mark_many([key for _, key in handed], "done")  # 'delivered' was committed per message
         report.post_processed += len(handed)
     return report
 
@@ -185,7 +188,6 @@ def _post_process(session: ImapSession, settings: SenderSettings, uids: list[int
         session.store_flags(uids, "\\Deleted")
         session.expunge_uid(uids)
     elif action in (PostProcessing.ARCHIVE, PostProcessing.ARCHIVE_AND_MARK_READ):
-        session.create_folder(settings.archive_folder)
         session.move(uids, settings.archive_folder)
 
 

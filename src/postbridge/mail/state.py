@@ -24,6 +24,7 @@ class PollState(Protocol):
     def status(self, key: str) -> str | None: ...
     def attempts(self, key: str) -> int: ...
     def mark(self, key: str, status: str, *, fingerprint: str = "", error: str = "") -> None: ...
+    def mark_many(self, keys: list[str], status: str) -> None: ...
     def record_failure(self, key: str, error: str) -> int: ...
     def fingerprint_done(self, mailbox: str, fingerprint: str) -> bool: ...
     def uidvalidity(self, mailbox: str) -> int | None: ...
@@ -83,6 +84,24 @@ class SqliteState:
                  fingerprint = CASE WHEN excluded.fingerprint != '' THEN excluded.fingerprint ELSE fingerprint END""",
             (key, self._mailbox(key), status, fingerprint, error, time.time()),
         )
+
+    def mark_many(self, keys: list[str], status: str) -> None:
+        """Set the status of many messages in one transaction (one fsync instead of one per message)."""
+        now = time.time()
+        rows = [(key, self._mailbox(key), status, now) for key in keys]
+        with self._lock:
+            self.db.execute("BEGIN")
+            try:
+                self.db.executemany(
+                    """INSERT INTO messages (key, mailbox, status, attempts, fingerprint, error, updated)
+                       VALUES (?, ?, ?, 0, '', '', ?)
+                       ON CONFLICT (key) DO UPDATE SET status = excluded.status, updated = excluded.updated""",
+                    rows,
+                )
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
 
     def record_failure(self, key: str, error: str) -> int:
         self._execute(
