@@ -47,18 +47,19 @@ def curl(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def newest_uid(stack: Stack, url: str, *tls: str) -> int:
+    """The highest UID in alice's INBOX (other tests share the mailbox, so UID 1 is not necessarily ours)."""
+    found = curl(stack, *tls, "-u", "alice:secret", "-X", "UID SEARCH ALL", url)
+    assert found.returncode == 0, found.stderr
+    return max(int(uid) for uid in found.stdout.split("SEARCH", 1)[1].split())
+
+
 def test_imap_starttls_end_to_end_over_a_tcp_mapping(stack: Stack, connected: Connector, dovecot: Dovecot) -> None:
     dovecot.deliver("alice", MESSAGE)
     stack.map(connected, "mail.corp.example:143", f"{dovecot.host}:{dovecot.imap_port}")
-    result = curl(
-        stack,
-        "--ssl-reqd",
-        "--cacert",
-        str(dovecot.pki.root_pem),
-        "-u",
-        "alice:secret",
-        "imap://mail.corp.example:143/INBOX;UID=1",
-    )
+    tls = ("--ssl-reqd", "--cacert", str(dovecot.pki.root_pem))
+    uid = newest_uid(stack, "imap://mail.corp.example:143/INBOX", *tls)
+    result = curl(stack, *tls, "-u", "alice:secret", f"imap://mail.corp.example:143/INBOX;UID={uid}")
     assert result.returncode == 0, result.stderr
     assert "Hello from the private network." in result.stdout
     # the connector saw only ciphertext after STARTTLS: it is not the TLS end point
@@ -79,7 +80,8 @@ def test_imap_over_a_tcp_tls_mapping_with_plain_imap_inside_the_tunnel(
         "--tls-server-name",
         "mail.corp.example",
     )
-    result = curl(stack, "-u", "alice:secret", "imap://imaps.corp.example:993/INBOX;UID=1")
+    uid = newest_uid(stack, "imap://imaps.corp.example:993/INBOX")
+    result = curl(stack, "-u", "alice:secret", f"imap://imaps.corp.example:993/INBOX;UID={uid}")
     assert result.returncode == 0, result.stderr
     assert "Hello from the private network." in result.stdout
 
@@ -96,7 +98,10 @@ def test_pop3_over_a_tcp_tls_mapping(stack: Stack, connected: Connector, dovecot
         "--tls-server-name",
         "mail.corp.example",
     )
-    result = curl(stack, "-u", "bob:secret", "pop3://pop.corp.example:995/1")
+    listing = curl(stack, "-u", "bob:secret", "pop3://pop.corp.example:995/")  # LIST: "n size" per message
+    assert listing.returncode == 0, listing.stderr
+    newest = max(int(line.split()[0]) for line in listing.stdout.splitlines() if line.strip())
+    result = curl(stack, "-u", "bob:secret", f"pop3://pop.corp.example:995/{newest}")  # other tests share bob
     assert result.returncode == 0, result.stderr
     assert "Hello from the private network." in result.stdout
 
