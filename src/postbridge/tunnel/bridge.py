@@ -145,7 +145,11 @@ class StreamBridge(asyncio.Protocol):
         if self._eof_sent:
             self.finish(reset=False)
         elif self.transport.can_write_eof():
-            self.transport.write_eof()
+            try:
+                self.transport.write_eof()
+            except OSError as exc:  # the local peer is gone (ENOTCONN): give up this stream only
+                log.debug("stream %s: local socket cannot take the FIN: %s", self.stream_id, exc)
+                self.finish(reset=True)
 
     def tunnel_reset(self, error_code: int) -> None:
         self._finished = True

@@ -101,7 +101,21 @@ class TunnelSession(asyncio.Protocol):
             return
         self._last_pong = time.monotonic()  # any frame proves the peer is alive
         for event in events:
-            self._dispatch(event)
+            try:
+                self._dispatch(event)
+            except Exception:  # a bug or OS error at one stream's local end must not kill every stream
+                stream_id = getattr(event, "stream_id", 0)
+                log.exception(
+                    "tunnel with %s: handling %s failed; resetting stream %s only",
+                    self.peer,
+                    type(event).__name__,
+                    stream_id,
+                )
+                if stream_id:
+                    sink = self.sinks.pop(stream_id, None)
+                    self.core.reset(stream_id)
+                    if sink is not None:
+                        sink.tunnel_reset(0)
         self._schedule_flush()
 
     def pause_writing(self) -> None:

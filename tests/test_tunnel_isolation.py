@@ -1,0 +1,133 @@
+"""One stream's local socket failing must never take the tunnel (and every other stream) down with it."""
+
+from __future__ import annotations
+
+import asyncio
+
+from postbridge.addresses import HostPort
+from postbridge.tunnel import protocol as tp
+from postbridge.tunnel.bridge import StreamBridge
+from postbridge.tunnel.session import TunnelSession
+
+
+class _FakeTransport(asyncio.Transport):
+    """A local socket whose peer is already gone: shutdown() fails like the kernel's ENOTCONN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = False
+        self.aborted = False
+        self.written = b""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += bytes(data)
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        raise OSError(107, "Transport endpoint is not connected")
+
+    def is_closing(self) -> bool:
+        return self.closed or self.aborted
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+
+class _Pipe(asyncio.Transport):
+    """Carries one session's bytes to the other session."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peer: TunnelSession | None = None
+        self.closing = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        assert self.peer is not None
+        asyncio.get_running_loop().call_soon(self.peer.data_received, bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = True
+
+
+async def test_a_local_socket_that_fails_on_eof_resets_only_its_stream() -> None:
+    class Handler:
+        def connect_requested(self, session: TunnelSession, event: tp.ConnectRequested) -> None:
+            session.accept(event.stream_id)
+            session.end_stream(event.stream_id)  # the internal server says goodbye at once
+
+        def control_requested(self, session: TunnelSession, event: tp.ControlRequested) -> None:
+            raise AssertionError("not used")
+
+    hub = TunnelSession(tp.Role.HUB, peer="connector")
+    connector = TunnelSession(tp.Role.CONNECTOR, peer="hub", handler=Handler())
+    to_connector, to_hub = _Pipe(), _Pipe()
+    to_connector.peer, to_hub.peer = connector, hub
+    connector.connection_made(to_hub)
+    hub.connection_made(to_connector)
+
+    bridge = StreamBridge()
+    local = _FakeTransport()
+    bridge.connection_made(local)
+    stream_id = hub.open_stream(HostPort("mail.corp.example", 143), "trace", bridge)
+    bridge.session, bridge.stream_id = hub, stream_id  # what the SOCKS listener does after opening
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert hub.is_open and not hub.closed.done(), "the tunnel died with the stream"
+    assert local.aborted or local.closed  # the failing local socket was given up ...
+    assert stream_id not in hub.sinks  # ... and its stream forgotten
+    hub.close("test over")
+    connector.close("test over")
+
+
+async def test_any_failure_in_one_streams_handler_resets_that_stream_and_keeps_the_tunnel() -> None:
+    class Handler:
+        def connect_requested(self, session: TunnelSession, event: tp.ConnectRequested) -> None:
+            session.accept(event.stream_id)
+            session.core.send_data(event.stream_id, b"* OK greeting\r\n")
+
+        def control_requested(self, session: TunnelSession, event: tp.ControlRequested) -> None:
+            raise AssertionError("not used")
+
+    class Exploding(StreamBridge):
+        def tunnel_data(self, data: bytes, flow_length: int) -> None:
+            raise RuntimeError("bug in one stream's code")
+
+    hub = TunnelSession(tp.Role.HUB, peer="connector")
+    connector = TunnelSession(tp.Role.CONNECTOR, peer="hub", handler=Handler())
+    to_connector, to_hub = _Pipe(), _Pipe()
+    to_connector.peer, to_hub.peer = connector, hub
+    connector.connection_made(to_hub)
+    hub.connection_made(to_connector)
+    bad, good = Exploding(), StreamBridge()
+    bad_local, good_local = _FakeTransport(), _FakeTransport()
+    bad.connection_made(bad_local)
+    good.connection_made(good_local)
+    for bridge in (bad, good):
+        bridge.session, bridge.stream_id = hub, hub.open_stream(HostPort("mail.corp.example", 143), "t", bridge)
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert hub.is_open
+    assert bad.stream_id not in hub.sinks and bad_local.aborted
+    assert good.stream_id in hub.sinks and good_local.written == b"* OK greeting\r\n"
+    hub.close("test over")
+    connector.close("test over")
