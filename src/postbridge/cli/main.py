@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from postbridge import __version__
-from postbridge.cli import cloud, connector, credentials, keystore, mail
+from postbridge.cli import cloud, connector, credentials, keystore, mail, probe
 from postbridge.cli.common import HOME_HELP, Context, home_from
 from postbridge.demo.command import demo
 
@@ -22,6 +22,7 @@ app.add_typer(connector.app, name="connector")
 app.add_typer(mail.app, name="mail")
 app.add_typer(keystore.app, name="keystore")
 app.add_typer(credentials.app, name="credentials")
+app.add_typer(probe.app, name="test")
 app.command("demo")(demo)
 
 
