@@ -201,3 +201,17 @@ def test_smtp_starttls_passes_and_off_stops_before_sending_the_password(
     assert "PLAIN" in good.steps[-2].detail
     assert clear.failed is not None and clear.failed.name == "login"
     assert "without TLS" in clear.failed.cause and "starttls-mandatory" in clear.failed.fix
+
+
+def test_inbox_is_listed_first_however_many_folders_there_are(dovecot: Dovecot, keystore: Path) -> None:
+    import uuid
+
+    from postbridge.mail.imap import open_session
+
+    settings = channel(dovecot, keystore, dovecot.imap_port, Protection.STARTTLS_MANDATORY)
+    with open_session(settings) as session:
+        for _ in range(12):  # more than the report shows by name
+            session.create_folder(f"A{uuid.uuid4().hex[:8]}")
+    report = run_probe("imap", settings, list_folders=True)
+    assert report.folders[0].name == "INBOX"
+    assert "INBOX" in report.steps[-1].detail

@@ -268,7 +268,8 @@ def _probe_imap(run: _Run, check_auth: bool, list_folders: bool) -> None:
 
 
 def _count_folders(run: _Run, session: ImapSession) -> list[FolderCount]:
-    for name in session.list_folders():
+    # INBOX first (it is what a mail channel polls), then the others by name
+    for name in sorted(session.list_folders(), key=lambda folder: (folder.upper() != "INBOX", folder)):
         status = session.status(name)
         run.folders.append(FolderCount(name, status.get("MESSAGES", 0), status.get("UNSEEN", 0)))
     return run.folders
