@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from postbridge.trust.truststore import TrustStore
 from tests.harness import Connector, Stack
 from tests.servers import LOOPBACK
 from tests.servers.dovecot import Dovecot
@@ -108,3 +109,11 @@ def dovecot(test_pki: TestPki) -> Iterator[Dovecot]:
     """A real Dovecot on loopback: IMAP+STARTTLS, IMAPS, POP3+STLS, POP3S; users alice/bob, password 'secret'."""
     with Dovecot(pki=test_pki) as server:
         yield server
+
+
+@pytest.fixture
+def keystore(tmp_path: Path, test_pki: TestPki) -> Path:
+    """A mail adapter keystore (trust store folder) holding the test root only."""
+    store = TrustStore(tmp_path / "keystore")
+    store.add(test_pki.root_pem.read_bytes(), alias="test-root")
+    return store.directory

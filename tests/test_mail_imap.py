@@ -19,13 +19,6 @@ from tests.servers.pki import TestPki
 MESSAGE = b"From: a@corp.example\r\nSubject: imap test\r\nMessage-ID: <imap-1@corp.example>\r\n\r\nbody text\r\n"
 
 
-@pytest.fixture
-def keystore(tmp_path: Path, test_pki: TestPki) -> Path:
-    store = TrustStore(tmp_path / "keystore")
-    store.add(test_pki.root_pem.read_bytes(), alias="test-root")
-    return store.directory
-
-
 def settings(dovecot: Dovecot, store: Path, port: int, protection: Protection, **extra: object) -> ChannelSettings:
     values: dict[str, object] = {
         "address": HostPort(dovecot.host, port),

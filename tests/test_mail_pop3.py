@@ -39,13 +39,6 @@ def new_message() -> bytes:
 
 
 @pytest.fixture
-def keystore(tmp_path: Path, test_pki: TestPki) -> Path:
-    store = TrustStore(tmp_path / "keystore")
-    store.add(test_pki.root_pem.read_bytes(), alias="test-root")
-    return store.directory
-
-
-@pytest.fixture
 def secrets_logged(caplog: pytest.LogCaptureFixture) -> Iterator[Callable[[], str]]:
     """Everything postbridge logged during the test (DEBUG and up), to assert no secret is in it."""
     caplog.set_level(logging.DEBUG, logger="postbridge")

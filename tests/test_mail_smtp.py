@@ -40,13 +40,6 @@ def postfix(dovecot: Dovecot) -> Iterator[Postfix]:
 
 
 @pytest.fixture
-def keystore(tmp_path: Path, test_pki: TestPki) -> Path:
-    store = TrustStore(tmp_path / "keystore")
-    store.add(test_pki.root_pem.read_bytes(), alias="test-root")
-    return store.directory
-
-
-@pytest.fixture
 def logged(caplog: pytest.LogCaptureFixture) -> Callable[[], str]:
     """Everything postbridge logged during the test (DEBUG and up), to assert no secret is in it."""
     caplog.set_level(logging.DEBUG, logger="postbridge")

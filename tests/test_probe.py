@@ -19,13 +19,6 @@ from tests.servers.dovecot import Dovecot
 from tests.servers.pki import TestPki
 
 
-@pytest.fixture
-def keystore(tmp_path: Path, test_pki: TestPki) -> Path:
-    store = TrustStore(tmp_path / "keystore")
-    store.add(test_pki.root_pem.read_bytes(), alias="test-root")
-    return store.directory
-
-
 def channel(dovecot: Dovecot, store: Path, port: int, protection: Protection, **extra: object) -> ChannelSettings:
     values: dict[str, object] = {
         "address": HostPort(dovecot.host, port),

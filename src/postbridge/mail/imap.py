@@ -74,9 +74,8 @@ class ImapSession:
 
     def connect(self) -> ImapSession:
         settings = self.settings
-        sock = transport.connect(settings)
+        sock = transport.open_channel(settings)
         if settings.protection is Protection.TLS:
-            sock = transport.wrap(sock, settings)
             self._mark_tls(sock)
         try:
             imap = _Imap4(sock, settings.server_name, settings.address.port)

@@ -130,9 +130,8 @@ class Pop3Session:
 
     def connect(self) -> Pop3Session:
         settings = self.settings
-        sock = transport.connect(settings)
+        sock = transport.open_channel(settings)
         if settings.protection is Protection.TLS:
-            sock = transport.wrap(sock, settings)
             self._mark_tls(sock)
         try:
             pop = _Pop3(sock, settings.server_name, settings.address.port)

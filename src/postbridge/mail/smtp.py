@@ -145,9 +145,8 @@ class SmtpSession:
 
     def connect(self) -> SmtpSession:
         settings = self.settings
-        sock = transport.connect(settings)
+        sock = transport.open_channel(settings)
         if settings.protection is Protection.TLS:
-            sock = transport.wrap(sock, settings)
             self._mark_tls(sock)
         name = self.local_hostname or _default_local_name(sock)
         smtp = self._smtp = _Smtp(sock, local_hostname=name, timeout=settings.timeout)

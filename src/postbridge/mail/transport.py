@@ -24,7 +24,7 @@ from python_socks.sync import Proxy as SocksProxy
 
 from postbridge.errors import NetworkError, PostbridgeTimeout, TrustError
 from postbridge.mail.common import MailProtocolError
-from postbridge.mail.settings import ChannelSettings, Proxy
+from postbridge.mail.settings import ChannelSettings, Protection, Proxy
 from postbridge.trust.truststore import TrustStore
 
 # SOCKS5 reply -> (the words Java and other clients show, what it means for a mail channel)
@@ -98,6 +98,12 @@ def connect(settings: ChannelSettings) -> socket.socket:
             f"cannot connect to {target}: {exc.strerror or exc}",
             hint="is the server running, and is it reachable from here (proxy 'internet')?",
         ) from exc
+
+
+def open_channel(settings: ChannelSettings) -> socket.socket:
+    """:func:`connect`, then the TLS handshake right away for protection ``tls`` (IMAPS, POP3S, SMTPS)."""
+    sock = connect(settings)
+    return wrap(sock, settings) if settings.protection is Protection.TLS else sock
 
 
 def _socks_hint(code: int | None, settings: ChannelSettings) -> str:
