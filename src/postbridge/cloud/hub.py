@@ -19,7 +19,7 @@ from postbridge.cloud import tokens
 from postbridge.cloud.registry import ConnectedConnector, Registry
 from postbridge.cloud.state import EnrollmentToken, HubState
 from postbridge.cloud.tunnel_listener import EnrollmentService, TunnelAcceptor, server_context
-from postbridge.errors import AuthenticationError, PostbridgeError, StreamRefused, TrustError
+from postbridge.errors import PostbridgeError, StreamRefused, TrustError
 from postbridge.socks.listener import Principal, SocksConnection
 from postbridge.trust import pki
 from postbridge.tunnel.protocol import Role
@@ -199,10 +199,8 @@ class Hub:
         return tokens.issue(self.state.jwt_key(), subaccount), tokens.DEFAULT_TTL
 
     def subaccount_of_bearer(self, token: str) -> str:
-        try:
-            return tokens.verify(self.state.jwt_key(), token)
-        except AuthenticationError:
-            raise
+        """The subaccount of a valid bearer JWT; raises AuthenticationError otherwise."""
+        return tokens.verify(self.state.jwt_key(), token)
 
 
 def _bound(server: asyncio.Server, wanted: HostPort) -> HostPort:
