@@ -122,17 +122,21 @@ def build_chain(
     start: x509.Certificate,
     store_certificates: Mapping[str, x509.Certificate] | Iterable[x509.Certificate],
     *,
+    untrusted: Iterable[x509.Certificate] = (),
     now: datetime | None = None,
 ) -> ChainResult:
     """Walk from ``start`` to a self-signed root or a stored anchor through ``store_certificates``.
 
     ``store_certificates`` is either ``{alias: certificate}`` (links then name their alias) or plain
-    certificates. ``start`` may itself be one of them. Never raises for a bad chain: every problem is reported
-    in the result (a certificate whose signature algorithm cannot be checked counts as a bad signature).
+    certificates. ``start`` may itself be one of them. ``untrusted`` certificates (the intermediates a server sent)
+    may be links of the chain but are never anchors (their links have no alias). Never raises for a bad chain:
+    every problem is reported in the result (a certificate whose signature algorithm cannot be checked counts as a
+    bad signature).
     """
     moment = now or datetime.now(UTC)
     store = _candidates(store_certificates)
     by_fingerprint = {fingerprint(item.certificate): item.alias for item in store}
+    store += [_Candidate(certificate, None) for certificate in untrusted]
     links: list[ChainLink] = []
     current = start
     ca_links_below = 0  # CA certificates below the issuer being checked (for pathLenConstraint)
