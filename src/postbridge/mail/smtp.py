@@ -14,8 +14,10 @@ hub's SOCKS5 proxy), with these rules:
 
 One :class:`SmtpSession` sends any number of messages (each :meth:`SmtpSession.send` is one transaction; a
 refusal leaves the session usable). :func:`build_message` makes a message from a receiver channel's fields and
-refuses header injection (it lives in :mod:`compose`). The session is blocking. No password, token or message
-body is ever logged.
+refuses header injection (it lives in :mod:`compose`). :meth:`SmtpSession.check_envelope` asks whether the server
+would take a mail from a sender to recipients without sending one (MAIL FROM, RCPT TO, then RSET, never DATA);
+:func:`envelope_hint` explains a refusal. The session is blocking. No password, token or message body is ever
+logged.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import smtplib
 import socket
 import ssl
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from email.message import EmailMessage
 from types import TracebackType
 
@@ -52,11 +55,13 @@ from postbridge.mail.settings import AuthMethod, ChannelSettings, Credentials, P
 
 __all__ = [
     "Attachment",
+    "EnvelopeReply",
     "OutgoingMail",
     "SmtpReplyError",
     "SmtpSession",
     "build_message",
     "check_address",
+    "envelope_hint",
     "open_smtp",
 ]
 
@@ -65,6 +70,7 @@ log = logging.getLogger("postbridge.mail.smtp")
 SMTPS_PORT = 465
 MAX_CHALLENGES = 5
 _LINE_ENDS = re.compile(rb"\r\n|\r|\n")
+_ENHANCED_STATUS = re.compile(r"\s*([245]\.\d{1,3}\.\d{1,3})\b")  # RFC 3463, at the start of the reply text
 
 
 class SmtpReplyError(MailProtocolError):
@@ -102,6 +108,50 @@ def _reply_hint(code: int, reply: str) -> str:
     return ""
 
 
+@dataclass(frozen=True)
+class EnvelopeReply:
+    """The server's answer to one envelope address: MAIL FROM for the ``sender``, RCPT TO for a ``recipient``."""
+
+    address: str
+    role: str  # "sender" | "recipient"
+    code: int
+    text: str
+
+    @property
+    def accepted(self) -> bool:
+        """True for a 2xx reply: the server would take mail from (or to) this address."""
+        return 200 <= self.code < 300
+
+
+def envelope_hint(reply: EnvelopeReply) -> str:
+    """What to do about a refused sender or recipient, in one sentence; "" for an accepted address."""
+    if reply.accepted:
+        return ""
+    words = reply.text.lower()
+    found = _ENHANCED_STATUS.match(reply.text)
+    status = found.group(1) if found else ""
+    if "relay" in words:
+        return (
+            "the server relays only for authenticated users: use --check-auth with the channel's credentials, "
+            "or a recipient in the server's own domain"
+        )
+    if "starttls" in words:
+        return "the server wants TLS first: use protection 'starttls-mandatory' (or 'tls' on port 465)"
+    if reply.code == 530 or "authentication required" in words:
+        return "the server takes mail only after a login: use --check-auth with the channel's credentials"
+    if reply.role == "sender" and reply.code in (501, 550, 553):
+        return "the server refuses this sender: use an address the login may send as"
+    if status == "4.5.3" or "too many recipients" in words:
+        return "too many recipients in one transaction: check the others in a second run"
+    if reply.code == 452 or status in ("4.2.2", "5.2.2") or "quota" in words:
+        return "the mailbox or the server is full (over quota): try again later"
+    if status == "5.1.1" or (reply.code in (550, 551, 553) and ("unknown" in words or "no such" in words)):
+        return "no such mailbox at the server: check the address"
+    if "access denied" in words:
+        return "the server takes mail only after a login: use --check-auth with the channel's credentials"
+    return _reply_hint(reply.code, reply.text)
+
+
 class _Smtp(smtplib.SMTP):
     """smtplib on a socket we opened (TLS already done for SMTPS)."""
 
@@ -129,6 +179,15 @@ def _default_local_name(sock: socket.socket) -> str:
     return f"[IPv6:{host}]" if ":" in host else f"[{host}]"
 
 
+def _check_envelope(sender: str, recipients: Sequence[str]) -> None:
+    """Raises ConfigurationError for a bad sender, no recipients, or a bad recipient."""
+    check_address(sender, "sender", allow_empty=True)  # "" is the null sender <> of notifications
+    if isinstance(recipients, str) or not recipients:
+        raise ConfigurationError(f"no recipients (got {recipients!r})", hint="give a list of addresses")
+    for recipient in recipients:
+        check_address(recipient, "recipient")
+
+
 class SmtpSession:
     """One SMTP session (greeted, secured, logged in) that sends many messages. Use :func:`open_smtp`."""
 
@@ -139,6 +198,7 @@ class SmtpSession:
         self.tls_version: str | None = None
         self.greeting = ""
         self.features_before_tls: dict[str, str] = {}
+        self.tls_context: ssl.SSLContext | None = None  # None: transport.tls_context (the connection test swaps it)
         self._smtp: _Smtp | None = None
 
     # -- connecting ---------------------------------------------------------------------------------------------
@@ -213,7 +273,9 @@ class SmtpSession:
                 hint="the server's TLS set-up is broken (or an attacker answered for it): not going on in clear",
             )
         assert smtp.sock is not None and smtp.file is not None  # getreply() made the reader
-        smtp.sock = transport.secure_after_starttls(settings, smtp.file, smtp.sock, "STARTTLS", self.close)
+        smtp.sock = transport.secure_after_starttls(
+            settings, smtp.file, smtp.sock, "STARTTLS", self.close, self.tls_context
+        )
         self.greeting = ""  # the clear-text greeting is pre-TLS state: discarded with the rest
         smtp.file = None
         self._mark_tls(smtp.sock)
@@ -319,11 +381,7 @@ class SmtpSession:
         server closed it), MailProtocolError, ConfigurationError for a bad address, NetworkError when the
         connection is lost (the message may or may not have been accepted).
         """
-        check_address(sender, "sender", allow_empty=True)  # "" is the null sender <> of notifications
-        if isinstance(recipients, str) or not recipients:
-            raise ConfigurationError(f"no recipients (got {recipients!r})", hint="give a list of addresses")
-        for recipient in recipients:
-            check_address(recipient, "recipient")
+        _check_envelope(sender, recipients)
         smtp = self.smtp
         address = self.settings.address
         try:
@@ -374,6 +432,98 @@ class SmtpSession:
     def send_mail(self, mail: OutgoingMail) -> dict[str, tuple[int, str]]:
         """Send what :func:`build_message` made, to its envelope (To, Cc and Bcc). Raises as :meth:`send`."""
         return self.send(mail.message, sender=mail.sender, recipients=mail.recipients)
+
+    # -- checking an envelope without sending -------------------------------------------------------------------
+
+    def check_envelope(self, sender: str, recipients: Sequence[str]) -> list[EnvelopeReply]:
+        """Ask whether the server would take a mail from ``sender`` to ``recipients``, without sending one.
+
+        MAIL FROM, RCPT TO per recipient, then RSET; never DATA, so nothing can be delivered. Returns the sender's
+        reply followed by one per recipient, or only the sender's reply when it was refused (no recipient is
+        tried then). A refusal is a reply, not an error: see :attr:`EnvelopeReply.accepted` and
+        :func:`envelope_hint`. A server that hangs up instead of answering RSET has no transaction left, so the
+        replies stand (and the session is closed).
+        Raises ConfigurationError (an empty recipient list, an empty recipient, a line break or control character
+        in an address), SmtpReplyError (421: the server closed the session; a refused RSET), MailProtocolError
+        (a reply that is not SMTP; non-ASCII addresses for a server without SMTPUTF8), NetworkError when the
+        connection is lost or falls silent before every reply is in.
+        """
+        _check_envelope(sender, recipients)
+        smtp = self.smtp
+        options = self._envelope_options(smtp, sender, recipients)
+        replies = [self._envelope_command(smtp, "sender", sender, options)]
+        if replies[0].accepted:
+            replies += [self._envelope_command(smtp, "recipient", recipient, ()) for recipient in recipients]
+        self._reset_envelope(smtp)
+        accepted = sum(reply.accepted for reply in replies[1:])
+        log.info("SMTP %s: envelope check (no DATA): sender %d, %d of %d recipient(s) accepted", self.settings.address,
+                 replies[0].code, accepted, len(recipients))  # fmt: skip
+        return replies
+
+    def _envelope_options(self, smtp: _Smtp, sender: str, recipients: Sequence[str]) -> tuple[str, ...]:
+        """The MAIL FROM parameters :meth:`send` would use for these addresses: SMTPUTF8 for non-ASCII ones."""
+        if all(address.isascii() for address in (sender, *recipients)):
+            return ()
+        if not smtp.has_extn("smtputf8"):
+            raise MailProtocolError(
+                f"{self.settings.address} does not offer SMTPUTF8, which the non-ASCII address(es) need",
+                hint="the addresses need SMTPUTF8, which the server lacks: use ASCII addresses",
+            )
+        return ("SMTPUTF8", "BODY=8BITMIME")  # as smtplib.send_message() does for an international envelope
+
+    def _envelope_command(self, smtp: _Smtp, role: str, address: str, options: Sequence[str]) -> EnvelopeReply:
+        """MAIL FROM (``role`` "sender") or RCPT TO; a refusal is returned, a 421 or a lost connection raised."""
+        command = "MAIL FROM" if role == "sender" else "RCPT TO"
+        try:
+            code, raw = smtp.mail(address, options) if role == "sender" else smtp.rcpt(address, options)
+        except smtplib.SMTPResponseException as exc:  # smtplib closed the connection (a reply line too long)
+            self.close()
+            reply = _text(exc.smtp_error)
+            raise SmtpReplyError(
+                f"{self.settings.address} answered {command} with {exc.smtp_code} {reply}",
+                code=exc.smtp_code,
+                reply=reply,
+            ) from None
+        except OSError as exc:  # smtplib.SMTPServerDisconnected is one
+            raise self._lost(f"after {command} (no mail was sent)", exc) from exc
+        text = _text(raw)
+        if code == 421:
+            self.close()
+            raise SmtpReplyError(
+                f"{self.settings.address} closed the session at {command}: {code} {text}", code=code, reply=text
+            )
+        if code // 100 not in (2, 4, 5):
+            self.close()
+            raise MailProtocolError(
+                f"{self.settings.address} answered {command} with {code} {text[:80]!r}, which is no SMTP reply to it",
+                reply=text,
+                hint="check the address: this port may belong to another service",
+            )
+        return EnvelopeReply(address=address, role=role, code=code, text=text)
+
+    def _reset_envelope(self, smtp: _Smtp) -> None:
+        """RSET, so the check leaves no transaction open; a server that already hung up has none left."""
+        address = self.settings.address
+        try:
+            code, raw = smtp.rset()
+        except OSError as exc:  # smtplib.SMTPServerDisconnected is one
+            if isinstance(exc, TimeoutError) or isinstance(exc.__context__, TimeoutError):
+                raise self._lost("while waiting for the answer to RSET (no mail was sent)", exc) from exc
+            log.info("SMTP %s: the server closed the connection before RSET (no mail was sent)", address)
+            self.close()
+            return
+        if code == 421:  # closing the session: nothing left open
+            self.close()
+            return
+        if not 200 <= code < 300:
+            self.close()
+            text = _text(raw)
+            raise SmtpReplyError(
+                f"{address} answered RSET with {code} {text}",
+                code=code,
+                reply=text,
+                hint="the server may still hold the transaction open; the session was closed (no mail was sent)",
+            )
 
     def quit(self) -> None:
         """QUIT and close; never raises (every sent message was already accepted or refused)."""
