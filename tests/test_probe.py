@@ -42,7 +42,7 @@ def test_imap_starttls_every_step_passes_with_login_and_folder_counts(dovecot: D
     report = run_probe("imap", settings, check_auth=True, list_folders=True)
     assert report.ok, report.steps
     assert names(report) == [
-        "connection", "greeting", "capabilities before TLS", "STARTTLS", "capabilities after TLS",
+        "connection", "greeting", "capabilities before TLS", "STARTTLS", "certificate chain", "capabilities after TLS",
         "authentication mechanisms", "login", "folders",
     ]  # fmt: skip
     steps = {step.name: step for step in report.steps}
@@ -70,7 +70,7 @@ def test_pop3_implicit_tls_passes_and_counts_messages(dovecot: Dovecot, keystore
     settings = channel(dovecot, keystore, dovecot.pop3s_port, Protection.TLS)
     report = run_probe("pop3", settings, check_auth=True, list_folders=False)
     assert report.ok, report.steps
-    assert names(report)[:3] == ["connection", "TLS handshake", "greeting"]
+    assert names(report)[:4] == ["connection", "TLS handshake", "certificate chain", "greeting"]
     assert names(report)[-2:] == ["login", "message count"]
     assert report.message_count is not None and report.message_count >= 0
 
@@ -104,7 +104,8 @@ def test_tcp_reads_the_greeting_and_tls_shows_the_handshake(dovecot: Dovecot, ke
     assert tcp.ok and tcp.steps[-1].detail.startswith("* OK")
     tls = run_probe("tls", channel(dovecot, keystore, dovecot.imaps_port, Protection.TLS), check_auth=False,
                     list_folders=False)  # fmt: skip
-    assert tls.ok and names(tls) == ["connection", "TLS handshake"] and "TLSv1." in tls.steps[-1].detail
+    assert tls.ok and names(tls) == ["connection", "TLS handshake", "certificate chain"]
+    assert "TLSv1." in tls.steps[1].detail
 
 
 def test_report_shape_and_unknown_kind() -> None:
@@ -189,7 +190,8 @@ def test_smtp_starttls_passes_and_off_stops_before_sending_the_password(
         clear = run_probe("smtp", channel(dovecot, keystore, postfix.submission_port, Protection.OFF), check_auth=True)
     assert good.ok, good.steps
     assert names(good) == [
-        "connection", "greeting", "EHLO before TLS", "STARTTLS", "EHLO after TLS", "authentication mechanisms", "login",
+        "connection", "greeting", "EHLO before TLS", "STARTTLS", "certificate chain", "EHLO after TLS",
+        "authentication mechanisms", "login",
     ]  # fmt: skip
     assert "PLAIN" in good.steps[-2].detail
     assert clear.failed is not None and clear.failed.name == "login"
@@ -208,3 +210,29 @@ def test_inbox_is_listed_first_however_many_folders_there_are(dovecot: Dovecot, 
     report = run_probe("imap", settings, list_folders=True)
     assert report.folders[0].name == "INBOX"
     assert "INBOX" in report.steps[-1].detail
+
+
+def test_smtp_envelope_check_names_each_address_and_sends_nothing(
+    dovecot: Dovecot, test_pki: TestPki, keystore: Path
+) -> None:
+    from tests.servers.postfix import Postfix
+
+    with Postfix(dovecot, pki=test_pki) as postfix:
+        settings = channel(dovecot, keystore, postfix.submission_port, Protection.STARTTLS_MANDATORY)
+        local = f"alice@{postfix.domain}"
+        good = run_probe("smtp", settings, sender=f"alice@{postfix.domain}", recipients=(local,))
+        mixed = run_probe("smtp", settings, sender=f"alice@{postfix.domain}",
+                          recipients=(local, f"nobody-{uuid.uuid4().hex[:6]}@{postfix.domain}"))  # fmt: skip
+        log = postfix.log_path.read_text(errors="replace")
+    assert good.ok, good.steps
+    assert names(good)[-2:] == ["login", "sender and recipients"]  # the check logs in first
+    assert [(r.role, r.accepted) for r in good.envelope] == [("sender", True), ("recipient", True)]
+    failed = mixed.failed
+    assert failed is not None and failed.name == "sender and recipients"
+    assert "550" in failed.cause and "nobody-" in failed.cause and "no such mailbox" in failed.fix
+    assert [r.accepted for r in mixed.envelope] == [True, True, False]
+    assert "message-id=" not in log  # nothing was queued: no DATA was ever sent
+    with pytest.raises(ConfigurationError, match="--from and --to"):
+        run_probe("imap", settings, sender="a@b.example", recipients=("c@d.example",))
+    with pytest.raises(ConfigurationError, match="needs both"):
+        run_probe("smtp", settings, sender="a@b.example")

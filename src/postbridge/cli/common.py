@@ -23,8 +23,8 @@ from rich.logging import RichHandler
 from postbridge.errors import ConfigurationError, PostbridgeError
 from postbridge.home import private_dir, resolve_home
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(emoji=False)  # ":cd:" in a fingerprint must stay text
+err_console = Console(stderr=True, emoji=False)
 T = TypeVar("T")
 
 

@@ -68,6 +68,7 @@ class ImapSession:
         self.tls = False
         self.tls_version: str | None = None
         self.capabilities_before_tls: tuple[str, ...] = ()
+        self.tls_context: ssl.SSLContext | None = None  # None: transport.tls_context (the connection test swaps it)
         self._imap: _Imap4 | None = None
 
     # -- connecting ---------------------------------------------------------------------------------------------
@@ -136,7 +137,10 @@ class ImapSession:
                 reply=_text(data),
                 hint="the server's TLS set-up is broken (or an attacker answered for it): not going on in clear",
             )
-        imap.sock = transport.secure_after_starttls(settings, imap.file, imap.sock, "STARTTLS", self.abort)  # type: ignore[arg-type]
+        reader: Any = imap.file  # imaplib/poplib type it loosely; it is the socket's BufferedReader
+        imap.sock = transport.secure_after_starttls(
+            settings, reader, imap.sock, "STARTTLS", self.abort, self.tls_context
+        )
         imap.file = imap.sock.makefile("rb")
         imap._tls_established = True  # type: ignore[attr-defined]
         self._mark_tls(imap.sock)

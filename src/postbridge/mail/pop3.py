@@ -27,6 +27,7 @@ import socket
 import ssl
 from collections.abc import Iterator
 from types import TracebackType
+from typing import Any
 
 from postbridge.errors import AuthenticationError, ConfigurationError, NetworkError, PostbridgeError
 from postbridge.mail import transport
@@ -124,6 +125,7 @@ class Pop3Session:
         self.capabilities: dict[str, list[str]] = {}
         self.capabilities_before_tls: dict[str, list[str]] = {}
         self.marked_for_deletion: set[int] = set()
+        self.tls_context: ssl.SSLContext | None = None  # None: transport.tls_context (the connection test swaps it)
         self._pop: _Pop3 | None = None
 
     # -- connecting ---------------------------------------------------------------------------------------------
@@ -208,7 +210,8 @@ class Pop3Session:
                 reply=_text(answer),
                 hint="the server's TLS set-up is broken (or an attacker answered for it): not going on in clear",
             )
-        pop.sock = transport.secure_after_starttls(settings, pop.file, pop.sock, "STLS", self.close)  # type: ignore[arg-type]
+        reader: Any = pop.file  # imaplib/poplib type it loosely; it is the socket's BufferedReader
+        pop.sock = transport.secure_after_starttls(settings, reader, pop.sock, "STLS", self.close, self.tls_context)
         self.greeting = ""  # the clear-text greeting is pre-TLS state: discarded with the rest
         pop.file = pop.sock.makefile("rb")
         pop._tls_established = True  # type: ignore[attr-defined]

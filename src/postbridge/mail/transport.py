@@ -37,6 +37,10 @@ SOCKS_DIAGNOSES: dict[int, tuple[str, str]] = {
 }
 
 
+class NotTlsError(NetworkError):
+    """The TLS handshake met a peer that does not speak TLS (a plain greeting, or a close at the first byte)."""
+
+
 class MailConnectError(NetworkError):
     """The channel's connection could not be opened; ``socks_reply`` is set when the hub refused it."""
 
@@ -161,9 +165,8 @@ def wrap(sock: socket.socket, settings: ChannelSettings, context: ssl.SSLContext
         ) from exc
     except ssl.SSLError as exc:
         sock.close()
-        raise NetworkError(
-            f"TLS handshake with {settings.address} failed: {exc.reason or exc}", hint=_tls_hint(exc)
-        ) from exc
+        kind = NotTlsError if (exc.reason or "") in _NOT_TLS_REASONS else NetworkError
+        raise kind(f"TLS handshake with {settings.address} failed: {exc.reason or exc}", hint=_tls_hint(exc)) from exc
     except TimeoutError as exc:
         sock.close()
         raise PostbridgeTimeout(
@@ -171,7 +174,7 @@ def wrap(sock: socket.socket, settings: ChannelSettings, context: ssl.SSLContext
         ) from exc
     except OSError as exc:
         sock.close()
-        raise NetworkError(
+        raise NotTlsError(
             f"the connection to {settings.address} was dropped during the TLS handshake ({exc.strerror or exc})",
             hint="the server or mapping does not expect TLS here: for a 'tcp-tls' mapping use protection 'off'; "
             "for a STARTTLS port use 'starttls-mandatory'",
@@ -194,9 +197,12 @@ def _verify_hint(exc: ssl.SSLCertVerificationError, name: str) -> str:
     return "inspect the chain with 'openssl s_client -showcerts' and add the missing CA to the keystore"
 
 
+_NOT_TLS_REASONS = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST")
+
+
 def _tls_hint(exc: ssl.SSLError) -> str:
     reason = exc.reason or ""
-    if reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG"):
+    if reason in _NOT_TLS_REASONS:
         return "the server does not speak TLS on this port: use protection 'starttls-mandatory' for a plain port"
     if "VERSION" in reason or "PROTOCOL" in reason:
         return "the server offers only an old TLS version (TLS 1.2 or newer is required): update the server"
@@ -222,10 +228,16 @@ def unread_bytes(reader: io.BufferedReader, sock: socket.socket) -> bytes:
 
 
 def secure_after_starttls(
-    settings: ChannelSettings, reader: io.BufferedReader, sock: socket.socket, command: str, abort: Callable[[], None]
+    settings: ChannelSettings,
+    reader: io.BufferedReader,
+    sock: socket.socket,
+    command: str,
+    abort: Callable[[], None],
+    context: ssl.SSLContext | None = None,
 ) -> ssl.SSLSocket:
     """After the server's positive answer to STARTTLS/STLS: refuse bytes that came after the answer (response
-    injection), close the clear-text reader, and do the verified handshake. Calls ``abort`` before raising."""
+    injection), close the clear-text reader, and do the verified handshake (``context`` defaults to
+    :func:`tls_context`). Calls ``abort`` before raising."""
     leftover = unread_bytes(reader, sock)
     if leftover:
         abort()
@@ -234,4 +246,4 @@ def secure_after_starttls(
             hint="this is how response injection works (a man in the middle); connection aborted",
         )
     reader.close()  # the clear-text reader: nothing in it may be used any more
-    return wrap(sock, settings)
+    return wrap(sock, settings, context)
