@@ -361,7 +361,7 @@ def test_refresh_posts_the_grant_caches_and_keeps_rotated_token(
     clock = Clock()
     store = oauth_store(home, token_server, clock)
     with caplog.at_level(logging.DEBUG):
-        assert store.resolve("m365") == Credentials("alice", ACCESS)
+        assert store.resolve("m365") == Credentials("alice", ACCESS, token=True)
         written = (home / "credentials.json.enc").stat().st_mtime_ns
         assert store_of(home, clock=clock).access_token("m365") == ACCESS  # cached in the store, no request
         assert (home / "credentials.json.enc").stat().st_mtime_ns == written  # and no write
@@ -470,7 +470,15 @@ def test_channel_resolves_a_credential_name(home: Path, token_server: TokenServe
     plain = channel_from_mapping({**base, "credential": "corp"}, source="t.toml", credentials=store)
     assert plain.credentials == Credentials("bob", PASSWORD) and plain.auth is AuthMethod.PLAIN
     oauth = channel_from_mapping({**base, "credential": "m365", "auth": "xoauth2"}, source="t.toml", credentials=store)
-    assert oauth.credentials == Credentials("alice", ACCESS)
+    assert oauth.credentials == Credentials("alice", ACCESS, token=True)
+    by_default = channel_from_mapping({**base, "credential": "m365"}, source="t.toml", credentials=store)
+    assert by_default.auth is AuthMethod.XOAUTH2  # an OAuth2 entry needs no 'auth' set by hand
+    bearer = channel_from_mapping({**base, "credential": "m365", "auth": "oauthbearer"}, source="t", credentials=store)
+    assert bearer.auth is AuthMethod.OAUTHBEARER
+    with pytest.raises(ConfigurationError, match="holds an OAuth2 token, which auth 'plain' cannot use"):
+        channel_from_mapping({**base, "credential": "m365", "auth": "plain"}, source="t.toml", credentials=store)
+    with pytest.raises(ConfigurationError, match="holds a password, which auth 'xoauth2' cannot use"):
+        channel_from_mapping({**base, "credential": "corp", "auth": "xoauth2"}, source="t.toml", credentials=store)
     called = channel_from_mapping({**base, "credential": "x"}, source="t", credentials=lambda n: Credentials(n, "s"))
     assert called.credentials == Credentials("x", "s")
     with pytest.raises(ConfigurationError, match="no credential store given"):

@@ -290,3 +290,54 @@ def test_fingerprints_are_printed_as_text_not_as_emoji_codes() -> None:
     with console.capture() as captured:
         render_chain(ChainReport((cert, replace(cert, role="root")), "", "", ""))
     assert "50:CD:D6:67" in captured.get()
+
+
+# -- time-outs at each step, and a login that cannot work -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("script", "failing_step", "words"),
+    [
+        ("silent", "TLS handshake", "did not finish within 2 s"),
+        ("no-greeting", "greeting", "did not answer while waiting for the greeting within 2 s"),
+        ("no-login-answer", "login", "did not answer during login within 2 s"),
+        ("no-common-mechanism", "login", "no common authentication mechanism"),
+    ],
+)
+def test_timeouts_and_mechanisms_are_named_per_step(
+    test_pki: TestPki, tmp_path: Path, script: str, failing_step: str, words: str
+) -> None:
+    from tests.hostile.servers import FakeServer, Send, StartTls
+
+    context = good_certificate(test_pki).context(tmp_path / "certs")
+    greeting = b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] fake\r\n"
+    steps = {
+        "silent": [],
+        "no-greeting": [StartTls(context)],
+        "no-login-answer": [StartTls(context), Send(greeting)],
+        "no-common-mechanism": [
+            StartTls(context),
+            Send(b"* OK [CAPABILITY IMAP4rev1 AUTH=GSSAPI LOGINDISABLED] x\r\n"),
+        ],
+    }[script]
+    caps = b"IMAP4rev1 AUTH=GSSAPI LOGINDISABLED" if script == "no-common-mechanism" else b"IMAP4rev1 AUTH=PLAIN"
+
+    def answer(line: bytes) -> bytes:  # CAPABILITY is answered, anything else (the login) never
+        tag, _, command = line.partition(b" ")
+        return b"* CAPABILITY " + caps + b"\r\n" + tag + b" OK done\r\n" if command.upper().startswith(b"CAPA") else b""
+
+    keystore = root_keystore(test_pki, tmp_path / "keystore")
+    with FakeServer(steps, after_script=answer, timeout=4) as server:
+        settings = tls_channel(server.port, keystore, auth=AuthMethod.PLAIN, credentials=Credentials("u", "pw"),
+                               timeout=2.0)  # fmt: skip
+        report = run_probe("imap", settings, check_auth=True)
+    failed = report.failed
+    assert failed is not None and failed.name == failing_step, report.steps
+    assert words in failed.cause
+    assert failed.fix
+    if script == "no-login-answer":
+        assert "raise the channel's timeout" in failed.fix  # not a TLS mismatch: the greeting came
+    if script == "no-common-mechanism":
+        assert "GSSAPI" in failed.cause and "mechanism the server offers" in failed.fix
+        steps_by_name = {step.name: step for step in report.steps}
+        assert "GSSAPI" in steps_by_name["authentication mechanisms"].detail

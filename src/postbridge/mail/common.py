@@ -183,15 +183,29 @@ def scrub(text: str, secret: str) -> str:
     return text
 
 
+AT_GREETING = "while waiting for the greeting"
+"""The ``when`` of :func:`connection_lost` before the server said anything: the one moment a wrong TLS mode shows."""
+
+
 def connection_lost(
     settings: ChannelSettings, when: str, exc: BaseException, *, implicit_tls_port: int
 ) -> NetworkError:
-    """The error for a connection that dropped or fell silent, with the protection/port mismatch hint.
+    """The error for a connection that dropped or fell silent ``when`` (:data:`AT_GREETING` or during a command).
 
-    ``implicit_tls_port`` is the protocol's implicit-TLS port (993, 995, 465), named in the hint.
+    At the greeting the likely cause is a TLS mode that does not fit the port, so the hint names the
+    protection/mapping to change (``implicit_tls_port`` is the protocol's 993, 995 or 465); later the server itself
+    closed or stalled. A timeout is a PostbridgeTimeout, a drop a NetworkError.
     """
     address = settings.address
-    if settings.protection is Protection.TLS:
+    timed_out = isinstance(exc, TimeoutError)
+    if when != AT_GREETING:
+        hint = (
+            f"the server did not answer in time: it may be overloaded; raise the channel's timeout "
+            f"(now {settings.timeout:g} s) if it is only slow"
+            if timed_out
+            else "the server closed the connection: its log says why (a connection limit, a restart, an idle timeout)"
+        )
+    elif settings.protection is Protection.TLS:
         hint = "the peer may not speak TLS here: for a STARTTLS port use 'starttls-mandatory'"
     elif address.port == implicit_tls_port:
         hint = (
@@ -203,7 +217,7 @@ def connection_lost(
             f"if this goes through a 'tcp' mapping to an implicit-TLS port ({implicit_tls_port}), change the "
             "mapping to 'tcp-tls' or use protection 'tls'"
         )
-    if isinstance(exc, TimeoutError):
+    if timed_out:
         return PostbridgeTimeout(f"{address} did not answer {when} within {settings.timeout:g} s", hint=hint)
     reason = str(exc) or type(exc).__name__
     return NetworkError(f"connection dropped by {address} {when}: {reason}", hint=hint)

@@ -27,7 +27,15 @@ from typing import Any
 
 from postbridge.errors import AuthenticationError, NetworkError, PostbridgeError
 from postbridge.mail import transport
-from postbridge.mail.common import MailProtocolError, TlsDowngrade, check_credentials, cleartext_allowed, scrub
+from postbridge.mail.common import (
+    AT_GREETING,
+    MailProtocolError,
+    TlsDowngrade,
+    check_credentials,
+    cleartext_allowed,
+    connection_lost,
+    scrub,
+)
 from postbridge.mail.settings import AuthMethod, ChannelSettings, Credentials, Protection
 
 log = logging.getLogger("postbridge.mail.imap")
@@ -82,7 +90,7 @@ class ImapSession:
             imap = _Imap4(sock, settings.server_name, settings.address.port)
         except (imaplib.IMAP4.error, OSError, EOFError) as exc:
             sock.close()
-            raise self._dropped("while waiting for the greeting", exc) from exc
+            raise self._dropped(AT_GREETING, exc) from exc
         self._imap = imap
         self.capabilities_before_tls = tuple(imap.capabilities)
         if settings.protection in (Protection.STARTTLS_MANDATORY, Protection.STARTTLS_OPTIONAL):
@@ -163,11 +171,27 @@ class ImapSession:
             )
         caps = set(imap.capabilities)
         method = settings.auth
+        offered = sorted(cap[5:] for cap in caps if cap.startswith("AUTH="))
+        if method not in (AuthMethod.PLAIN, AuthMethod.LOGIN) and f"AUTH={method.value.upper()}" not in caps:
+            self.abort()
+            raise AuthenticationError(
+                f"no common authentication mechanism: {settings.address} offers {' '.join(offered) or 'no AUTH='} "
+                f"but the channel uses '{method}'",
+                hint="set the channel's auth to a mechanism the server offers",
+            )
         typ: str
         data: Any
         try:
             if method in (AuthMethod.PLAIN, AuthMethod.LOGIN):
                 if "LOGINDISABLED" in caps and not (method is AuthMethod.PLAIN and "AUTH=PLAIN" in caps):
+                    self.abort()
+                    if self.tls:
+                        raise AuthenticationError(
+                            f"no common authentication mechanism: {settings.address} announces LOGINDISABLED and "
+                            f"offers {' '.join(offered) or 'no AUTH='}, but the channel uses '{method}'",
+                            hint="set the channel's auth to a mechanism the server offers, or let the server accept "
+                            "PLAIN over TLS",
+                        )
                     raise TlsDowngrade(
                         f"{settings.address} announces LOGINDISABLED: it does not accept a password here",
                         hint="use TLS (protection 'starttls-mandatory' or 'tls')",
@@ -209,18 +233,7 @@ class ImapSession:
         imap._get_capabilities()  # servers announce more (UIDPLUS, MOVE, IDLE) once logged in
 
     def _dropped(self, when: str, exc: BaseException) -> NetworkError:
-        settings = self.settings
-        hint = ""
-        if settings.protection is not Protection.TLS and settings.address.port in (993,):
-            hint = "port 993 expects TLS at once: use protection 'tls', or a 'tcp-tls' mapping with protection 'off'"
-        elif settings.protection is Protection.TLS:
-            hint = "the peer may not speak TLS here: for a STARTTLS port use 'starttls-mandatory'"
-        else:
-            hint = (
-                "if this goes through a 'tcp' mapping to an implicit-TLS port (993), change the mapping to "
-                "'tcp-tls' or use protection 'tls'"
-            )
-        return NetworkError(f"connection dropped by {settings.address} {when}: {exc or type(exc).__name__}", hint=hint)
+        return connection_lost(self.settings, when, exc, implicit_tls_port=993)
 
     # -- mailbox operations -------------------------------------------------------------------------------------
 

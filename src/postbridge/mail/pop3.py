@@ -32,6 +32,7 @@ from typing import Any
 from postbridge.errors import AuthenticationError, ConfigurationError, NetworkError, PostbridgeError
 from postbridge.mail import transport
 from postbridge.mail.common import (
+    AT_GREETING,
     MailProtocolError,
     PlainMechanism,
     SaslMechanism,
@@ -140,13 +141,13 @@ class Pop3Session:
         except poplib.error_proto as exc:
             sock.close()
             if _is_eof(exc):
-                raise self._lost("while waiting for the greeting", EOFError("closed")) from exc
+                raise self._lost(AT_GREETING, EOFError("closed")) from exc
             raise MailProtocolError(
                 f"{settings.address} refused the session: {_error_text(exc)}", reply=_error_text(exc)
             ) from exc
         except (OSError, EOFError) as exc:
             sock.close()
-            raise self._lost("while waiting for the greeting", exc) from exc
+            raise self._lost(AT_GREETING, exc) from exc
         self._pop = pop
         self.greeting = _text(pop.welcome)
         self.capabilities = self._read_capabilities(pop)

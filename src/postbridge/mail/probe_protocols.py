@@ -16,7 +16,7 @@ import socket
 from collections.abc import Callable
 
 from postbridge.errors import NetworkError, PostbridgeError, PostbridgeTimeout
-from postbridge.mail.common import MailProtocolError
+from postbridge.mail.common import AT_GREETING, MailProtocolError
 from postbridge.mail.imap import ImapSession, _Imap4
 from postbridge.mail.pop3 import POP3S_PORT, Pop3Session, _Pop3
 from postbridge.mail.probe_run import (
@@ -58,7 +58,7 @@ def _probe_imap(run: Run) -> None:
                 return _Imap4(sock, settings.server_name, settings.address.port)
             except (imaplib.IMAP4.error, OSError, EOFError) as exc:
                 sock.close()
-                raise session._dropped("while waiting for the greeting", exc) from exc
+                raise session._dropped(AT_GREETING, exc) from exc
 
         imap = run.step("greeting", greet, lambda imap: _text(imap.welcome))
         session._imap = imap
@@ -120,10 +120,10 @@ def _probe_pop3(run: Run) -> None:
             except poplib.error_proto as exc:
                 text = str(exc.args[0] if exc.args else exc)
                 if "EOF" in text:
-                    raise session._lost("while waiting for the greeting", EOFError("closed")) from exc
+                    raise session._lost(AT_GREETING, EOFError("closed")) from exc
                 raise MailProtocolError(f"{settings.address} refused the session: {text}", reply=text) from exc
             except (OSError, EOFError) as exc:
-                raise session._lost("while waiting for the greeting", exc) from exc
+                raise session._lost(AT_GREETING, exc) from exc
 
         pop = run.step("greeting", greet, lambda pop: _text(pop.welcome))
         session._pop = pop
@@ -183,7 +183,7 @@ def _probe_smtp(run: Run) -> None:
             try:
                 code, text = smtp.connect(settings.server_name, settings.address.port)
             except (smtplib.SMTPServerDisconnected, OSError) as exc:
-                raise session._lost("while waiting for the greeting", exc) from exc
+                raise session._lost(AT_GREETING, exc) from exc
             if code == -1:
                 raise MailProtocolError(
                     f"{settings.address} does not speak SMTP (greeting {_text(text)[:80]!r})",

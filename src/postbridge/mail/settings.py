@@ -50,6 +50,10 @@ class Credentials:
 
     user: str
     secret: str = field(repr=False)
+    token: bool = False  # the secret is an OAuth2 access token (a credential store OAuth2 entry), not a password
+
+
+_TOKEN_METHODS = ("xoauth2", "oauthbearer")
 
 
 @runtime_checkable
@@ -224,6 +228,15 @@ def channel_from_mapping(
             resolved = credentials.resolve(credential)
         else:
             resolved = credentials(credential)
+    default_auth = ("xoauth2" if resolved.token else "plain") if resolved else "none"
+    auth = str(data.get("auth") or default_auth)
+    if resolved is not None and credential and resolved.token != (auth in _TOKEN_METHODS):
+        holds = "an OAuth2 token" if resolved.token else "a password"
+        raise ConfigurationError(
+            f"{source}: credential '{credential}' holds {holds}, which auth '{auth}' cannot use",
+            hint="use auth 'xoauth2' or 'oauthbearer' for an OAuth2 credential (the default), and plain, login or "
+            "cram-md5 for a password",
+        )
     return ChannelSettings(
         address=parse_host_port(str(data["address"]), what=f"{source}: address"),
         proxy=proxy,
@@ -231,7 +244,7 @@ def channel_from_mapping(
         binding=Binding.load(data.get("binding")) if proxy is Proxy.ON_PREMISE else None,
         timeout=parse_seconds(data.get("timeout", 30.0), f"{source}: timeout"),
         protection=parse_enum(Protection, str(data.get("protection", "starttls-mandatory")), f"{source}: protection"),
-        auth=parse_enum(AuthMethod, str(data.get("auth", "plain" if resolved else "none")), f"{source}: auth"),
+        auth=parse_enum(AuthMethod, auth, f"{source}: auth"),
         credentials=resolved,
         tls_server_name=data.get("tls_server_name") or None,
         allow_cleartext_auth=parse_bool(data.get("allow_cleartext_auth", False), f"{source}: allow_cleartext_auth"),

@@ -39,6 +39,7 @@ from postbridge.addresses import valid_host
 from postbridge.errors import AuthenticationError, ConfigurationError, NetworkError, PostbridgeError
 from postbridge.mail import transport
 from postbridge.mail.common import (
+    AT_GREETING,
     LoginMechanism,
     MailProtocolError,
     PlainMechanism,
@@ -213,7 +214,7 @@ class SmtpSession:
         try:
             code, text = smtp.connect(settings.server_name, settings.address.port)
         except smtplib.SMTPServerDisconnected as exc:
-            raise self._lost("while waiting for the greeting", exc) from exc
+            raise self._lost(AT_GREETING, exc) from exc
         if code == -1:
             self.close()
             raise MailProtocolError(

@@ -68,7 +68,9 @@ def connect(settings: ChannelSettings) -> socket.socket:
             sock = proxy.connect(target.host, target.port, timeout=settings.timeout)
         except ProxyTimeoutError as exc:
             raise PostbridgeTimeout(
-                f"the hub's SOCKS5 proxy {binding.socks} did not answer within {settings.timeout:g} s"
+                f"the hub's SOCKS5 proxy {binding.socks} did not answer within {settings.timeout:g} s",
+                hint="the hub is overloaded or a firewall drops the packets; the connector's own connection to the "
+                "internal host may also be slow: run 'postbridge connector check'",
             ) from exc
         except ProxyConnectionError as exc:
             raise MailConnectError(
@@ -94,7 +96,10 @@ def connect(settings: ChannelSettings) -> socket.socket:
     try:
         return socket.create_connection((target.host, target.port), timeout=settings.timeout)
     except TimeoutError as exc:
-        raise PostbridgeTimeout(f"no connection to {target} within {settings.timeout:g} s") from exc
+        raise PostbridgeTimeout(
+            f"no connection to {target} within {settings.timeout:g} s",
+            hint="a firewall drops the packets or the host is down: check the address and the route from here",
+        ) from exc
     except socket.gaierror as exc:
         raise MailConnectError(f"cannot resolve '{target.host}': {exc.strerror}", hint="check the address") from exc
     except OSError as exc:
@@ -170,7 +175,9 @@ def wrap(sock: socket.socket, settings: ChannelSettings, context: ssl.SSLContext
     except TimeoutError as exc:
         sock.close()
         raise PostbridgeTimeout(
-            f"TLS handshake with {settings.address} did not finish within {settings.timeout:g} s"
+            f"TLS handshake with {settings.address} did not finish within {settings.timeout:g} s",
+            hint="the server took the connection but not the handshake: a port that waits for a plain command "
+            "wants protection 'starttls-mandatory'; otherwise the server is overloaded (raise the timeout)",
         ) from exc
     except OSError as exc:
         sock.close()

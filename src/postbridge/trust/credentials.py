@@ -497,7 +497,7 @@ class CredentialStore:
         entry = self.get(name)
         if isinstance(entry, PasswordEntry):
             return Credentials(entry.user, entry.password)
-        return Credentials(entry.user, self.access_token(entry))
+        return Credentials(entry.user, self.access_token(entry), token=True)
 
     # -- changing ------------------------------------------------------------------------------------------------
 
