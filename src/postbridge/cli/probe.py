@@ -76,7 +76,7 @@ def render_chain(chain: ChainReport) -> None:
     now = datetime.now(UTC)
     table = Table(title="certificate chain (server certificate first)", title_justify="left")
     for column in ("#", "role", "certificate", "valid until", "SHA-256", "from", "trusted"):
-        table.add_column(column, overflow="fold")
+        table.add_column(column, overflow="fold", no_wrap=column in ("#", "role", "valid until", "SHA-256"))
     for number, cert in enumerate(chain.certificates, start=1):
         info = cert.info
         until = f"{info.not_after:%Y-%m-%d}"
