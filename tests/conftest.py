@@ -16,6 +16,7 @@ from tests.harness import Connector, Stack
 from tests.servers import LOOPBACK
 from tests.servers.dovecot import Dovecot
 from tests.servers.pki import TestPki, make_test_pki
+from tests.servers.postgres import Postgres
 
 
 class _Service(socketserver.ThreadingTCPServer):
@@ -108,6 +109,13 @@ def test_pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
 def dovecot(test_pki: TestPki) -> Iterator[Dovecot]:
     """A real Dovecot on loopback: IMAP+STARTTLS, IMAPS, POP3+STLS, POP3S; users alice/bob, password 'secret'."""
     with Dovecot(pki=test_pki) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """A real PostgreSQL on 127.0.0.1 (trust auth on loopback, fsync on); new_database() gives a test its own."""
+    with Postgres() as server:
         yield server
 
 
