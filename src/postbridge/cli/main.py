@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from postbridge import __version__
-from postbridge.cli import cloud, connector, credentials, keystore, mail, probe
+from postbridge.cli import cloud, connector, credentials, keystore, mail, probe, runtime
 from postbridge.cli.common import HOME_HELP, Context, home_from
 from postbridge.demo.command import demo
 
@@ -23,6 +23,9 @@ app.add_typer(mail.app, name="mail")
 app.add_typer(keystore.app, name="keystore")
 app.add_typer(credentials.app, name="credentials")
 app.add_typer(probe.app, name="test")
+app.command("run")(runtime.run)
+app.add_typer(runtime.flows_app, name="flows")
+app.add_typer(runtime.messages_app, name="messages")
 app.command("demo")(demo)
 
 

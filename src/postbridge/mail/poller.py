@@ -78,6 +78,9 @@ class ReceivedMessage:
 
 Handler = Callable[[ReceivedMessage], Any]  # raises to refuse the message (it will be retried)
 
+SKIPPED = ("done", "quarantined", "waiting")
+"""States a poll passes over: finished, quarantined, or ``waiting`` (a retry whose backoff is not over yet)."""
+
 
 @dataclass
 class PollReport:
@@ -131,7 +134,7 @@ def poll_imap(
     for uid in session.search(criteria):
         key = f"{box}:{mailbox.uidvalidity}:{uid}"
         status = state.status(key)
-        if status in ("done", "quarantined"):
+        if status in SKIPPED:
             report.skipped += 1
             continue
         if len(pending) >= settings.max_messages_per_poll:
@@ -299,7 +302,7 @@ def poll_pop3(
     for number, uidl in sorted(session.uidl().items()):
         key = f"{box}:{uidl}"
         status = state.status(key)
-        if status in ("done", "quarantined"):
+        if status in SKIPPED:
             report.skipped += 1
             continue
         if report.seen >= max_messages_per_poll:

@@ -1,9 +1,11 @@
 """What a poller remembers between polls, durably: which messages were handed on and which were post-processed.
 
 Keys are ``imap:<mailbox>:<uidvalidity>:<uid>`` and ``pop3:<user>@<server>:<uidl>``. A message goes
-``new -> delivered -> done`` (or ``quarantined``); a crash between "delivered" and "done" leaves ``delivered``, so the
-next poll retries only the post-processing and never hands the message on twice. Each message also leaves a
-fingerprint (Message-ID, size, date), which lets a poller recognise processed messages after a UIDVALIDITY change.
+``new -> delivered -> done`` (or ``quarantined``; a state with retry backoff, like the runtime's, may also answer
+``waiting`` for a refused message whose next attempt is not due); a crash between "delivered" and "done" leaves
+``delivered``, so the next poll retries only the post-processing and never hands the message on twice. Each
+message also leaves a fingerprint (Message-ID, size, date), which lets a poller recognise processed messages after a
+UIDVALIDITY change.
 
 SQLite in WAL mode, one file; safe for one poller process per mailbox. This module must not speak a mail protocol.
 """

@@ -1,0 +1,340 @@
+"""``postbridge run``, ``postbridge flows check|status|example`` and ``postbridge messages list|show``.
+
+Owns: reading a flows file for the runtime (credential names are looked up in the credential store; ``check`` and
+``status`` only check that they exist and never fetch a token), starting the runtime with its metrics endpoint and
+signal handling, and showing flow health and the message processing log as tables (or ``--json``).
+Must not: schedule or poll itself (runtime/engine.py does).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from postbridge.cli.common import console, ctx_obj, print_json, run_command, setup_logging
+from postbridge.errors import ConfigurationError
+from postbridge.mail.settings import Credentials
+from postbridge.runtime.config import EXAMPLE, FlowsFileError, RuntimeConfig, load_flows
+from postbridge.runtime.engine import Runtime, flow_health_rows
+from postbridge.runtime.metrics import Metrics, MetricsServer
+from postbridge.runtime.store import MessageRecord, MessageStatus, RuntimeStore, open_store
+from postbridge.runtime.targets import Target, build_target
+from postbridge.trust.credentials import CredentialStore, OAuth2Entry
+
+flows_app = typer.Typer(help="Check a flows file, and see how its flows are doing.", no_args_is_help=True)
+messages_app = typer.Typer(help="The message processing log: what happened to every message.", no_args_is_help=True)
+
+FlowsArgument = Annotated[Path, typer.Argument(help="The flows file (TOML; see 'postbridge flows example').")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+class _NamesOnly:
+    """A credential resolver that checks a name exists without fetching a token (for check and status)."""
+
+    def __init__(self, store: CredentialStore) -> None:
+        self.store = store
+
+    def resolve(self, name: str) -> Credentials:
+        entry = self.store.get(name)
+        return Credentials(entry.user, "(not fetched)", token=isinstance(entry, OAuth2Entry))
+
+
+def _check_target(home: Path, credentials: Any) -> Any:
+    def check(table: Mapping[str, Any], source: str) -> None:
+        build_target(table, source=source, home=home, credentials=credentials).close()
+
+    return check
+
+
+def _load(home: Path, path: Path, *, resolve_secrets: bool) -> RuntimeConfig:
+    store = CredentialStore(home)
+    credentials: Any = store if resolve_secrets else _NamesOnly(store)
+    return load_flows(path, credentials=credentials, check_target=_check_target(home, credentials))
+
+
+def _show_problems(error: FlowsFileError) -> None:
+    console.print(f"[red]{escape(error.message)}[/]", highlight=False)
+    for problem in error.problems:
+        where = f"{error.path}:{problem.line}" if problem.line else str(error.path)
+        console.print(f"  [bold]{escape(where)}[/]: {escape(problem.message)}", highlight=False)
+        if problem.hint:
+            console.print(f"    [yellow]fix:[/] {escape(problem.hint)}", highlight=False)
+
+
+def _flows_table(config: RuntimeConfig) -> Table:
+    table = Table(
+        "flow", "protocol", "mailbox", "mode", "target", "enabled", title=str(config.path), title_justify="left"
+    )
+    for flow in config.flows:
+        via = f" via {flow.channel.location_id or 'default'}" if flow.channel.proxy.value == "on-premise" else ""
+        mailbox = f"{flow.channel.address}{via} {flow.sender.folder if flow.protocol == 'imap' else ''}".strip()
+        mode = "IDLE" if flow.mode == "idle" else f"every {flow.interval:g} s"
+        target = f"{flow.target.get('kind')} {flow.target.get('url') or flow.target.get('path') or ''}".strip()
+        table.add_row(flow.name, flow.protocol, escape(mailbox), mode, escape(target), "yes" if flow.enabled else "no")
+    return table
+
+
+def run(
+    ctx: typer.Context,
+    flows: FlowsArgument,
+    once: Annotated[bool, typer.Option("--once", help="Poll every flow once until drained, then exit.")] = False,
+    worker: Annotated[str, typer.Option(help="This worker's name in leases (default: host-pid).")] = "",
+) -> None:
+    """Run every flow of FLOWS: poll, hand each message to its target, post-process, retry, report health."""
+
+    def body() -> int:
+        home = ctx_obj(ctx).ensure_home()
+        setup_logging(ctx_obj(ctx).log_level)
+        try:
+            config = _load(home, flows, resolve_secrets=True)
+        except FlowsFileError as exc:
+            _show_problems(exc)
+            return 2
+        console.print(_flows_table(config))
+        store = open_store(config.state, home=home)
+        targets: dict[str, Target] = {}
+        server: MetricsServer | None = None
+        try:
+            credentials = CredentialStore(home)
+            for flow in config.flows:
+                if flow.enabled:
+                    targets[flow.name] = build_target(
+                        flow.target, source=flow.target_source, home=home, credentials=credentials
+                    )
+            metrics = Metrics()
+            runtime = Runtime(config, store, targets, metrics, owner=worker or None)
+            if once:
+                results = runtime.run_once()
+                for name, error in results.items():
+                    mark = "[green]✓[/]" if not error else "[red]✗[/]"
+                    console.print(f"{mark} {name}: {escape(error or 'drained')}", highlight=False)
+                return 1 if any(results.values()) else 0
+            if config.metrics is not None:
+                server = MetricsServer(metrics, config.metrics, runtime.ready)
+                console.print(f"metrics, /healthz and /readyz on http://{server.address}/", highlight=False)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, lambda *_: runtime.stop())
+            runtime.run()
+            return 0
+        finally:
+            if server is not None:
+                server.close()
+            for target in targets.values():
+                target.close()
+            store.close()
+
+    code = run_command(body)
+    if code:
+        raise typer.Exit(code)
+
+
+@flows_app.command("check")
+def flows_check(ctx: typer.Context, flows: FlowsArgument) -> None:
+    """Validate a flows file: every problem with file, line and fix (exit 2), else the flows as a table."""
+
+    def body() -> int:
+        home = ctx_obj(ctx).ensure_home()
+        try:
+            config = _load(home, flows, resolve_secrets=False)
+        except FlowsFileError as exc:
+            _show_problems(exc)
+            return 2
+        console.print(_flows_table(config))
+        console.print(f"[green]{len(config.flows)} flow(s), no problems[/]", highlight=False)
+        return 0
+
+    code = run_command(body)
+    if code:
+        raise typer.Exit(code)
+
+
+@flows_app.command("example")
+def flows_example() -> None:
+    """Print a complete, commented flows file to start from."""
+    typer.echo(EXAMPLE.strip())
+
+
+@flows_app.command("status")
+def flows_status(ctx: typer.Context, flows: FlowsArgument, as_json: JsonOption = False) -> None:
+    """Health of every flow from the shared state: last poll, last success, backlog. Exit 1 if one is unhealthy."""
+
+    def body() -> int:
+        home = ctx_obj(ctx).ensure_home()
+        try:
+            config = _load(home, flows, resolve_secrets=False)
+        except FlowsFileError as exc:
+            _show_problems(exc)
+            return 2
+        store = open_store(config.state, home=home)
+        try:
+            rows = flow_health_rows(config, store, time.time())
+        finally:
+            store.close()
+        if as_json:
+            print_json(rows)
+        else:
+            table = Table("flow", "health", "owner", "last poll", "last success", "retrying", "quarantined",
+                          "post-processed", "last error")  # fmt: skip
+            for row in rows:
+                health = "[green]healthy[/]" if row["healthy"] else "[red]UNHEALTHY[/]"
+                table.add_row(
+                    row["flow"], health, escape(row["owner"] or "-"), _age(row["last_poll"]), _age(row["last_success"]),
+                    str(row["retrying"]), str(row["quarantined"]), str(row["post_processed"]),
+                    escape(row["last_error"][:80]),
+                )  # fmt: skip
+            console.print(table)
+        return 1 if any(not row["healthy"] for row in rows) else 0
+
+    code = run_command(body)
+    if code:
+        raise typer.Exit(code)
+
+
+def _age(moment: float | None) -> str:
+    if moment is None:
+        return "never"
+    seconds = max(0.0, time.time() - moment)
+    if seconds < 120:
+        return f"{seconds:.0f} s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.1f} h ago"
+
+
+def _store_for(ctx: typer.Context, flows: Path | None, state: str) -> RuntimeStore:
+    home = ctx_obj(ctx).ensure_home()
+    if flows is not None and not state:
+        state = _load(home, flows, resolve_secrets=False).state
+    return open_store(state, home=home)
+
+
+def parse_since(text: str, now: float) -> float:
+    """'30m', '2h', '1d', '45s' ago, or an ISO date/time. Raises ConfigurationError."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", text)
+    if match:
+        factor = {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+        return now - float(match.group(1)) * factor
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"--since '{text}' is neither a duration nor a date", hint="e.g. 30m, 2h, 1d or 2026-11-29T10:00"
+        ) from exc
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+def _record_json(record: MessageRecord) -> dict[str, Any]:
+    return {
+        "flow": record.flow, "key": record.key, "status": record.status.value, "attempts": record.attempts,
+        "idempotency_key": record.idempotency_key, "mailbox": record.mailbox, "subject": record.subject,
+        "sender": record.sender, "size": record.size, "first_seen": record.first_seen, "updated": record.updated,
+        "delivered_at": record.delivered_at, "done_at": record.done_at, "next_attempt": record.next_attempt,
+        "duration_ms": record.duration_ms, "error": record.error, "target_ref": record.target_ref,
+    }  # fmt: skip
+
+
+def _when(moment: float | None) -> str:
+    return "-" if moment is None else datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+_STATUS_STYLE = {"post-processed": "green", "delivered": "cyan", "received": "cyan", "retrying": "yellow",
+                 "quarantined": "red", "failed": "red"}  # fmt: skip
+StateOption = Annotated[str, typer.Option(help="State URL (default: the flows file's, else HOME/runtime.db).")]
+FlowsOption = Annotated[Path | None, typer.Option("--flows", help="Flows file whose [runtime] state to read.")]
+
+
+@messages_app.command("list")
+def messages_list(
+    ctx: typer.Context,
+    flows: FlowsOption = None,
+    state: StateOption = "",
+    flow: Annotated[str, typer.Option(help="Only this flow.")] = "",
+    status: Annotated[str, typer.Option(help="Only this status: " + ", ".join(s.value for s in MessageStatus))] = "",
+    since: Annotated[str, typer.Option(help="Only changed since: 30m, 2h, 1d, or a date.")] = "",
+    search: Annotated[str, typer.Option(help="Text in subject, sender, key or error.")] = "",
+    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
+    as_json: JsonOption = False,
+) -> None:
+    """List messages of the processing log, newest first, with filters."""
+
+    def body() -> None:
+        wanted = None
+        if status:
+            try:
+                wanted = MessageStatus(status)
+            except ValueError as exc:
+                raise ConfigurationError(
+                    f"--status '{status}' is not one of: {', '.join(s.value for s in MessageStatus)}"
+                ) from exc
+        store = _store_for(ctx, flows, state)
+        try:
+            records = store.list(
+                flow=flow or None, status=wanted, since=parse_since(since, time.time()) if since else None,
+                text=search or None, limit=limit,
+            )  # fmt: skip
+            counts = store.counts(flow or None)
+        finally:
+            store.close()
+        if as_json:
+            print_json([_record_json(r) for r in records])
+            return
+        table = Table("updated", "flow", "status", "tries", "subject", "from", "target / error")
+        for record in records:
+            style = _STATUS_STYLE.get(record.status.value, "white")
+            outcome = (
+                record.error if record.status.value in ("retrying", "quarantined", "failed") else record.target_ref
+            )
+            table.add_row(
+                _when(record.updated), record.flow, f"[{style}]{record.status.value}[/]", str(record.attempts),
+                escape(record.subject[:50]), escape(record.sender[:40]), escape(outcome[:70]),
+            )  # fmt: skip
+        console.print(table)
+        summary = ", ".join(f"{count} {name.value}" for name, count in counts.items() if count)
+        console.print(f"{len(records)} shown; in the log: {summary or 'nothing'}", highlight=False)
+
+    run_command(body)
+
+
+@messages_app.command("show")
+def messages_show(
+    ctx: typer.Context,
+    key: Annotated[str, typer.Argument(help="A message key or idempotency key (from 'messages list --json').")],
+    flows: FlowsOption = None,
+    state: StateOption = "",
+    as_json: JsonOption = False,
+) -> None:
+    """Everything the log knows about one message."""
+
+    def body() -> None:
+        store = _store_for(ctx, flows, state)
+        try:
+            records = store.find(key)
+        finally:
+            store.close()
+        if not records:
+            raise ConfigurationError(
+                f"no message with key or idempotency key '{key}' in the log",
+                hint="list them with 'postbridge messages list --json'",
+            )
+        if as_json:
+            print_json([_record_json(r) for r in records])
+            return
+        for record in records:
+            table = Table(show_header=False, title=f"{record.flow}: {record.key}", title_justify="left")
+            for name, value in _record_json(record).items():
+                if name in ("first_seen", "updated", "delivered_at", "done_at", "next_attempt"):
+                    value = _when(value)
+                table.add_row(name, escape(json.dumps(value) if isinstance(value, float | int) else str(value)))
+            console.print(table)
+
+    run_command(body)
