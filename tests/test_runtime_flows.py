@@ -205,3 +205,69 @@ def test_two_workers_on_one_postgresql_split_the_flows_and_take_over(
     assert got.message_ids == {i for _, ids in folders for i in ids}
     assert all(len(keys) == 1 for keys in got.keys_by_message_id.values())
     assert sum(count - 1 for count in got.deliveries.values()) <= len(names)  # at most one in flight per flow
+
+
+def test_idle_flow_hands_on_new_mail_without_waiting_for_an_interval(
+    dovecot: Dovecot, keystore: Path, tmp_path: Path
+) -> None:
+    from postbridge.mail.imap import append, open_session
+    from tests.runtime_lab import direct_channel
+
+    folder, _ = fill_folder(dovecot, keystore, 3, tag="idle")
+    out, state, home = tmp_path / "out", tmp_path / "state.db", tmp_path / "home"
+    flows = write_flows(tmp_path / "flows.toml", folder=folder, out=out, keystore=keystore,
+                        state=f"sqlite:///{state}", address=f"{dovecot.host}:{dovecot.imap_port}",
+                        interval=300, extra_flow='mode = "idle"')  # fmt: skip
+    flows.write_text(flows.read_text().replace("stale_after = 60", "stale_after = 600"))
+    runtime = start_runtime(home, flows, tmp_path / "runtime.log")
+    try:
+        wait_until(lambda: len(delivered(out).message_ids) == 3, 30, "the catch-up poll")
+        raw = f"Subject: late\r\nMessage-ID: <late.{folder}@test.example>\r\n\r\nhi\r\n".encode()
+        with open_session(direct_channel(dovecot, keystore)) as session:
+            append(session, folder, raw)
+        started = time.monotonic()
+        wait_until(lambda: len(delivered(out).message_ids) == 4, 20, "IDLE to report the new message")
+        took = time.monotonic() - started
+    finally:
+        runtime.send_signal(signal.SIGTERM)
+        runtime.wait(timeout=30)
+    assert took < 20  # the interval is 300 s: only IDLE can have woken the flow
+    assert f"<late.{folder}@test.example>" in delivered(out).message_ids
+
+
+def test_pop3_flow_deletes_only_after_the_target_accepted(dovecot: Dovecot, keystore: Path, tmp_path: Path) -> None:
+    import uuid
+
+    subject = f"pop3 flow {uuid.uuid4().hex}"
+    for number in range(3):
+        dovecot.deliver("bob", f"Subject: {subject} {number}\r\nMessage-ID: <{number}.{subject.split()[-1]}@t>\r\n"
+                               f"\r\nbody\r\n".encode())  # fmt: skip
+    out, state, home = tmp_path / "out", tmp_path / "state.db", tmp_path / "home"
+    flows = tmp_path / "flows.toml"
+    flows.write_text(f"""[runtime]
+state = "sqlite:///{state}"
+metrics = ""
+
+[[flow]]
+name = "pop"
+protocol = "pop3"
+
+[flow.sender]
+address = "{dovecot.host}:{dovecot.pop3_port}"
+protection = "starttls-mandatory"
+tls_server_name = "mail.corp.example"
+keystore = "{keystore}"
+user = "bob"
+password = "secret"
+post_processing = "keep"
+
+[flow.target]
+kind = "directory"
+path = "{out}"
+""")
+    cli(home, "run", str(flows), "--once")
+    subjects = {str(__import__("email").message_from_bytes(p.read_bytes())["Subject"]) for p in out.glob("*.eml")}
+    assert {f"{subject} {n}" for n in range(3)} <= subjects
+    again = cli(home, "run", str(flows), "--once")  # kept on the server, but the log knows: not handed on twice
+    assert "✓ pop" in again.stdout
+    assert len(list(out.glob("*.eml"))) == len(subjects)

@@ -60,7 +60,9 @@ class Dovecot:
     message quotes the end of its log), and skips the test (fails it with CI=true) when Dovecot is missing.
     `lmtp=True` insists on the LMTP socket (skip/fail when dovecot-lmtpd is missing), `lmtp=False` leaves it
     out, the default None offers it when dovecot-lmtpd is installed. `cram_md5` switches CRAM-MD5 on or off; the
-    default None offers it unless `require_tls_login` is set.
+    default None offers it unless `require_tls_login` is set. `connections_per_user` raises Dovecot's limits for
+    many sessions at once (benchmarks): that many IMAP/POP3 connections per user and client address, and enough
+    login processes for them; the default None keeps Dovecot's own (10 per user and address, 100 login processes).
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class Dovecot:
         require_tls_login: bool = False,
         lmtp: bool | None = None,
         cram_md5: bool | None = None,
+        connections_per_user: int | None = None,
     ) -> None:
         # Dovecot's unprivileged processes (auth as 'dovecot', mail as uid 65534) must reach the folder, so by
         # default it is a fresh world-traversable folder in the system temp dir (pytest's tmp_path is not:
@@ -94,6 +97,7 @@ class Dovecot:
         # CRAM-MD5 is no plaintext mechanism, so disable_plaintext_auth allows it before TLS: off by default
         # where the point is that no login works without TLS.
         self.cram_md5 = not require_tls_login if cram_md5 is None else cram_md5
+        self.connections_per_user = connections_per_user
         self._process: subprocess.Popen[bytes] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -288,6 +292,14 @@ protocol lmtp {{
   auth_username_format = %Ln
 }}
 """
+        limits = ""
+        if self.connections_per_user is not None:
+            # every STARTTLS session keeps its own imap-login process as the TLS proxy (service_count = 1)
+            count = self.connections_per_user
+            limits = f"""mail_max_userip_connections = {count}
+default_process_limit = {max(100, count + 50)}
+default_client_limit = {max(1000, 4 * count + 100)}
+"""
         users_file.write_text(
             "".join(
                 f"{user}:{{PLAIN}}{password}:{MAIL_UID}:{MAIL_GID}::{self.mail_root / user}\n"
@@ -311,7 +323,7 @@ auth_mechanisms = plain login{" cram-md5" if self.cram_md5 else ""}
 # Tests log in wrongly on purpose: answer failures at once and never slow down 127.0.0.1 afterwards.
 auth_failure_delay = 0
 mail_location = maildir:{self.mail_root}/%u
-first_valid_uid = {MAIL_UID}
+{limits}first_valid_uid = {MAIL_UID}
 last_valid_uid = {MAIL_UID}
 passdb {{
   driver = passwd-file

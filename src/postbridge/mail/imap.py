@@ -406,6 +406,14 @@ class ImapSession:
         except (OSError, EOFError, imaplib.IMAP4.abort) as exc:
             raise self._dropped("during IDLE", exc) from exc
 
+    def interrupt(self) -> None:
+        """From another thread: wake a call blocked on the server (an IDLE) by shutting the connection down; the
+        blocked call then raises NetworkError. Closing alone would not wake it."""
+        imap = self._imap
+        if imap is not None:
+            with contextlib.suppress(OSError):
+                imap.sock.shutdown(socket.SHUT_RDWR)
+
     def abort(self) -> None:
         """Hang up at once without another word (after a failed or tampered STARTTLS nothing more is said)."""
         imap, self._imap = self._imap, None

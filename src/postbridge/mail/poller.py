@@ -269,6 +269,8 @@ def watch_imap(
                     else:
                         stop.wait(interval)
         except PostbridgeError as exc:
+            if stop.is_set():
+                return  # the owner hung up on purpose (to end an IDLE at once)
             attempt += 1
             delay = random.uniform(0, min(backoff_cap, 0.5 * 2**attempt))
             log.warning("mailbox %s: %s — reconnecting in %.1f s", settings.folder, exc, delay)

@@ -184,13 +184,26 @@ class FlowRunner:
             self.store.mark_many(self.flow.name, done, MessageStatus.POST_PROCESSED)
 
     def watch(self, on_report: Callable[[PollReport], None]) -> None:
-        """IDLE mode: keep the mailbox drained until stopped or the lease is lost."""
-        stopper = _Either(self.stop, self.lease_lost)
-        watch_imap(
-            lambda: open_session(self.flow.channel), self.flow.sender, self.handle, self.state, stopper.event,
-            interval=self.flow.interval, on_report=on_report,
-        )  # fmt: skip
-        stopper.close()
+        """IDLE mode: keep the mailbox drained until stopped or the lease is lost (which hangs up an IDLE at once)."""
+        current: list[ImapSession] = []
+
+        def opened() -> ImapSession:
+            session = open_session(self.flow.channel)
+            current[:] = [session]
+            return session
+
+        def hang_up() -> None:
+            for session in current:
+                session.interrupt()
+
+        stopper = _Either(self.stop, self.lease_lost, on_set=hang_up)
+        try:
+            watch_imap(
+                opened, self.flow.sender, self.handle, self.state, stopper.event, interval=self.flow.interval,
+                on_report=on_report,
+            )  # fmt: skip
+        finally:
+            stopper.close()
 
 
 def _add(total: PollReport, report: PollReport) -> None:
@@ -204,11 +217,12 @@ def _add(total: PollReport, report: PollReport) -> None:
 
 
 class _Either:
-    """An event set when either of two is set (watch_imap waits on one event)."""
+    """An event set when either of two is set (watch_imap waits on one event); ``on_set`` runs right after."""
 
-    def __init__(self, first: threading.Event, second: threading.Event) -> None:
+    def __init__(self, first: threading.Event, second: threading.Event, on_set: Callable[[], None]) -> None:
         self.event = threading.Event()
         self._done = threading.Event()
+        self._on_set = on_set
         self._thread = threading.Thread(target=self._watch, args=(first, second), daemon=True, name="either")
         self._thread.start()
 
@@ -216,6 +230,7 @@ class _Either:
         while not self._done.is_set():
             if first.wait(0.2) or second.is_set():
                 self.event.set()
+                self._on_set()
                 return
 
     def close(self) -> None:
