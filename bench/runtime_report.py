@@ -73,7 +73,8 @@ class FlowRun:
     seconds: float | None = None  # start of the process -> last done_at
     steady_seconds: float | None = None  # first delivered_at -> last done_at
     startup_seconds: float | None = None  # start of the process -> first delivered_at
-    runtime_cpu: float | None = None
+    startup_cpu: float | None = None  # CPU seconds of the runtime until its first message was in the store
+    runtime_cpu: float | None = None  # CPU seconds of the runtime after that, scaled to all messages
     relay_cpu: float | None = None
     dovecot_cpu: float | None = None
     database_cpu: float | None = None  # PostgreSQL's process tree (None with SQLite)
@@ -147,7 +148,7 @@ class RuntimeRun:
         return (high.rss_kib - low.rss_kib) / (high.flows - low.flows)
 
 
-def _fmt(value: float | None, digits: int = 1) -> str:
+def fmt(value: float | None, digits: int = 1) -> str:
     if value is None or math.isnan(value):
         return "—"
     return f"{value:,.{digits}f}"
@@ -156,20 +157,20 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 def _runs_table(run: RuntimeRun) -> list[str]:
     lines = [
         "| flow run | messages | seconds, start to done | messages/s | / baseline | seconds, first delivery to done "
-        "| messages/s | / baseline | start-up s | runtime CPU ms/msg | hub + connector CPU ms/msg "
-        "| Dovecot CPU ms/msg | PostgreSQL CPU ms/msg |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| messages/s | / baseline | start-up s | start-up CPU s | runtime CPU ms/msg after start-up "
+        "| hub + connector CPU ms/msg | Dovecot CPU ms/msg | PostgreSQL CPU ms/msg |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for flow in run.runs:
         if not flow.ok:
-            lines.append(f"| {flow.name} | **failed** ({flow.messages:,} done) |" + " — |" * 11)
+            lines.append(f"| {flow.name} | **failed** ({flow.messages:,} done) |" + " — |" * 12)
             continue
         lines.append(
-            f"| {flow.name} | {flow.messages:,} | {_fmt(flow.seconds, 2)} | {_fmt(flow.rate)} | "
-            f"{_fmt(run.ratio(flow.rate), 2)} | {_fmt(flow.steady_seconds, 2)} | {_fmt(flow.steady_rate)} | "
-            f"{_fmt(run.ratio(flow.steady_rate), 2)} | {_fmt(flow.startup_seconds, 2)} | "
-            f"{_fmt(flow.per_message_ms(flow.runtime_cpu), 3)} | {_fmt(flow.per_message_ms(flow.relay_cpu), 3)} | "
-            f"{_fmt(flow.per_message_ms(flow.dovecot_cpu), 3)} | {_fmt(flow.per_message_ms(flow.database_cpu), 3)} |"
+            f"| {flow.name} | {flow.messages:,} | {fmt(flow.seconds, 2)} | {fmt(flow.rate)} | "
+            f"{fmt(run.ratio(flow.rate), 2)} | {fmt(flow.steady_seconds, 2)} | {fmt(flow.steady_rate)} | "
+            f"{fmt(run.ratio(flow.steady_rate), 2)} | {fmt(flow.startup_seconds, 2)} | {fmt(flow.startup_cpu, 2)} | "
+            f"{fmt(flow.per_message_ms(flow.runtime_cpu), 3)} | {fmt(flow.per_message_ms(flow.relay_cpu), 3)} | "
+            f"{fmt(flow.per_message_ms(flow.dovecot_cpu), 3)} | {fmt(flow.per_message_ms(flow.database_cpu), 3)} |"
         )
     return lines
 
@@ -185,7 +186,7 @@ def _baseline_lines(run: RuntimeRun) -> list[str]:
         f"Baseline, the mail adapter's own drain through the same hub + connector into memory (`drain_poller`, "
         f"`SqliteState`): {best.messages:,} messages in {best.seconds:.2f} s = **{best.rate:,.0f} messages/s** "
         f"(drains before and after the runs: {rates} messages/s; the better one is the denominator), "
-        f"{_fmt(best.per_message_ms(best.client_cpu), 3)} ms client CPU per message."
+        f"{fmt(best.per_message_ms(best.client_cpu), 3)} ms client CPU per message."
     ]
 
 
@@ -199,8 +200,8 @@ def _idle_table(run: RuntimeRun) -> list[str]:
         failed = " (**failed**)" if idle.errors else ""
         lines.append(
             f"| {idle.flows:,} flow{'s' if idle.flows != 1 else ''}{failed} | {idle.polled:,} | "
-            f"{_fmt(idle.seconds_to_poll, 1)} | {_fmt(idle.rss_kib, 0)} | {_fmt(idle.threads, 0)} | "
-            f"{_fmt(idle.idle_cpu_percent, 1)} | {_fmt(idle.relay_rss_kib, 0)} | {_fmt(idle.stop_seconds, 1)} |"
+            f"{fmt(idle.seconds_to_poll, 1)} | {fmt(idle.rss_kib, 0)} | {fmt(idle.threads, 0)} | "
+            f"{fmt(idle.idle_cpu_percent, 1)} | {fmt(idle.relay_rss_kib, 0)} | {fmt(idle.stop_seconds, 1)} |"
         )
     return lines
 
@@ -229,7 +230,7 @@ def meaning(run: RuntimeRun) -> str:
             parts = ", ".join(f"{name} {min(v):.2f}-{max(v):.2f} ms" for name, v in sorted(by_state.items()))
             sentences.append(
                 f"The runtime process spends {parts} of CPU per message; the difference to the baseline's "
-                f"{_fmt(run.baseline.per_message_ms(run.baseline.client_cpu), 2)} ms is the message log (several "
+                f"{fmt(run.baseline.per_message_ms(run.baseline.client_cpu), 2)} ms is the message log (several "
                 "durable writes per message) and the target."
             )
     if failed:

@@ -25,8 +25,8 @@ from postbridge.runtime.config import (
     FlowsFileError,
     Problem,
     RetryPolicy,
-    load_flows,
 )
+from postbridge.runtime.flows_file import load_flows
 from postbridge.runtime.toml_lines import TomlLines
 
 FLOW = """

@@ -24,8 +24,9 @@ from rich.table import Table
 from postbridge.cli.common import console, ctx_obj, print_json, run_command, setup_logging
 from postbridge.errors import ConfigurationError
 from postbridge.mail.settings import Credentials
-from postbridge.runtime.config import EXAMPLE, FlowsFileError, RuntimeConfig, load_flows
+from postbridge.runtime.config import EXAMPLE, FlowsFileError, RuntimeConfig
 from postbridge.runtime.engine import Runtime, flow_health_rows
+from postbridge.runtime.flows_file import load_flows
 from postbridge.runtime.metrics import Metrics, MetricsServer
 from postbridge.runtime.store import MessageRecord, MessageStatus, RuntimeStore, open_store
 from postbridge.runtime.targets import Target, build_target
