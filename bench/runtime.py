@@ -234,9 +234,13 @@ class Bench:
         seconds = fill(self.lab, user, self.sizes.messages)
         say(f"{user}: {self.sizes.messages:,} messages delivered and indexed in {seconds:.1f} s")
 
-    def flow(self, name: str, user: str, folder: str, target: str, **options: object) -> str:
+    def flow(
+        self, name: str, user: str, folder: str, target: str, *, mode: str = "poll", interval: float = 1.0,
+        post_processing: str = "archive",
+    ) -> str:  # fmt: skip
         return flow_table(name, user, folder, target, binding=self.binding, keystore=self.lab.keystore,
-                          per_poll=self.args.per_poll, **options)  # type: ignore[arg-type]  # fmt: skip
+                          per_poll=self.args.per_poll, mode=mode, interval=interval,
+                          post_processing=post_processing)  # fmt: skip
 
     def database_cpu(self) -> float | None:
         """CPU seconds of PostgreSQL's whole process tree so far (None without PostgreSQL)."""
@@ -595,10 +599,9 @@ def run(args: argparse.Namespace, folder: Path) -> report.RuntimeRun:
     store.add(pki.root_pem.read_bytes(), alias="test-root")
     users = [*(f"baseline{n}" for n in (1, 2)), *(spec.slug for spec in SPECS), "profile", IDLE_USER]
     with contextlib.ExitStack() as exits:
+        connections = sizes.idle_flows + 20  # every IDLE flow holds a session of the same user
         dovecot = exits.enter_context(
-            Dovecot(
-                pki=pki, users=dict.fromkeys(users, PASSWORD), lmtp=None, connections_per_user=sizes.idle_flows + 20
-            )  # fmt: skip
+            Dovecot(pki=pki, users=dict.fromkeys(users, PASSWORD), lmtp=None, connections_per_user=connections)
         )
         lab = Lab(folder, dovecot, store.directory, pki.root_pem)
         say(f"Dovecot on {dovecot.host}:{dovecot.imap_port}; starting hub and connector")

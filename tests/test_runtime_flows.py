@@ -119,8 +119,14 @@ def test_http_target_that_fails_for_a_while_loses_nothing_and_shows_the_retries(
     assert len(set(Handler.seen)) == 20  # 20 messages, each under one key on every attempt
     assert set(accepted) == set(Handler.seen)
     listed = json.loads(cli(home, "messages", "list", "--state", f"sqlite:///{state}", "--json").stdout)
-    assert sum(1 for r in listed if r["attempts"] >= 1) >= 1  # retries are in the log
     assert all(r["status"] == "post-processed" for r in listed) and len(listed) == 20
+    retried = [r for r in listed if r["attempts"] >= 1]
+    assert retried, "the 503s left no trace in the log"
+    shown = json.loads(cli(home, "messages", "show", retried[0]["key"], "--state", f"sqlite:///{state}",
+                           "--json").stdout)[0]  # fmt: skip
+    outcomes = [attempt["outcome"] for attempt in shown["history"]]
+    assert outcomes[-1] == "delivered" and set(outcomes[:-1]) == {"refused"} and len(outcomes) >= 2
+    assert all("503" in attempt["detail"] for attempt in shown["history"][:-1])
     assert folder_count(dovecot, keystore, folder) == 0
 
 

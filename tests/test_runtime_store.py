@@ -629,3 +629,17 @@ def test_postgresql_store_replaces_a_connection_the_server_dropped(postgres: Pos
         assert row is not None and row.status is S.RECEIVED
     finally:
         store.close()
+
+
+def test_attempts_are_numbered_per_message_and_kept_in_order(store: RuntimeStore) -> None:
+    first = store.record_attempt("f", "k", outcome="refused", detail="HTTP 503", at=10.0, duration_ms=3.5, worker="w1")
+    second = store.record_attempt("f", "k", outcome="delivered", detail="HTTP 201", at=20.0, worker="w2")
+    other = store.record_attempt("f", "other", outcome="delivered", detail="ok", at=30.0)
+    elsewhere = store.record_attempt("g", "k", outcome="refused", detail="x", at=40.0)
+    assert (first.attempt, second.attempt, other.attempt, elsewhere.attempt) == (1, 2, 1, 1)
+    history = store.attempts("f", "k")
+    assert [(a.attempt, a.outcome, a.detail, a.worker) for a in history] == [
+        (1, "refused", "HTTP 503", "w1"), (2, "delivered", "HTTP 201", "w2"),
+    ]  # fmt: skip
+    assert history[0].duration_ms == 3.5 and history[1].duration_ms is None and history[0].at == 10.0
+    assert store.attempts("f", "missing") == []

@@ -28,7 +28,7 @@ from postbridge.runtime.config import EXAMPLE, FlowsFileError, RuntimeConfig
 from postbridge.runtime.engine import Runtime, flow_health_rows
 from postbridge.runtime.flows_file import load_flows
 from postbridge.runtime.metrics import Metrics, MetricsServer
-from postbridge.runtime.store import MessageRecord, MessageStatus, RuntimeStore, open_store
+from postbridge.runtime.store import Attempt, MessageRecord, MessageStatus, RuntimeStore, open_store
 from postbridge.runtime.targets import Target, build_target
 from postbridge.trust.credentials import CredentialStore, OAuth2Entry
 
@@ -244,6 +244,13 @@ def _record_json(record: MessageRecord) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _attempt_json(attempt: Attempt) -> dict[str, Any]:
+    return {
+        "attempt": attempt.attempt, "at": attempt.at, "outcome": attempt.outcome, "detail": attempt.detail,
+        "duration_ms": attempt.duration_ms, "worker": attempt.worker,
+    }  # fmt: skip
+
+
 def _when(moment: float | None) -> str:
     return "-" if moment is None else datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
@@ -320,6 +327,7 @@ def messages_show(
         store = _store_for(ctx, flows, state)
         try:
             records = store.find(key)
+            history = {(r.flow, r.key): store.attempts(r.flow, r.key) for r in records}
         finally:
             store.close()
         if not records:
@@ -328,7 +336,8 @@ def messages_show(
                 hint="list them with 'postbridge messages list --json'",
             )
         if as_json:
-            print_json([_record_json(r) for r in records])
+            print_json([{**_record_json(r), "history": [_attempt_json(a) for a in history[(r.flow, r.key)]]}
+                        for r in records])  # fmt: skip
             return
         for record in records:
             table = Table(show_header=False, title=f"{record.flow}: {record.key}", title_justify="left")
@@ -337,5 +346,13 @@ def messages_show(
                     value = _when(value)
                 table.add_row(name, escape(json.dumps(value) if isinstance(value, float | int) else str(value)))
             console.print(table)
+            attempts = Table("#", "at", "worker", "outcome", "took", "target's answer", title="attempts",
+                             title_justify="left")  # fmt: skip
+            for attempt in history[(record.flow, record.key)]:
+                style = "green" if attempt.outcome in ("delivered", "duplicate") else "red"
+                took = "-" if attempt.duration_ms is None else f"{attempt.duration_ms:.0f} ms"
+                attempts.add_row(str(attempt.attempt), _when(attempt.at), escape(attempt.worker),
+                                 f"[{style}]{attempt.outcome}[/]", took, escape(attempt.detail[:100]))  # fmt: skip
+            console.print(attempts)
 
     run_command(body)

@@ -103,18 +103,25 @@ class FlowRunner:
             flow=name, key=message.key, idempotency_key=ikey, raw=message.raw, mailbox=message.mailbox,
             uid=message.uid, received_at=record.first_seen, attempt=record.attempts + 1,
         )  # fmt: skip
-        started = time.perf_counter()
+        started, at = time.perf_counter(), time.time()
         try:
             result = self.target.deliver(delivery)
-        except TargetError as exc:
-            if not exc.retryable:
+        except Exception as exc:  # a target is user-configurable code: every failure is a refusal to record
+            permanent = isinstance(exc, TargetError) and not exc.retryable
+            if permanent:
                 self.state.permanent.add(message.key)
-            self.metrics.message(name, "refused")
-            raise
-        except Exception:
+            detail = exc.message if isinstance(exc, TargetError) else f"{type(exc).__name__}: {exc}"
+            self.store.record_attempt(
+                name, message.key, outcome="refused-permanently" if permanent else "refused", detail=detail, at=at,
+                duration_ms=(time.perf_counter() - started) * 1000, worker=self.owner,
+            )  # fmt: skip
             self.metrics.message(name, "refused")
             raise
         elapsed = time.perf_counter() - started
+        self.store.record_attempt(
+            name, message.key, outcome="duplicate" if result.duplicate else "delivered", detail=result.ref, at=at,
+            duration_ms=elapsed * 1000, worker=self.owner,
+        )  # fmt: skip
         self.store.record(
             name, message.key, MessageStatus.DELIVERED, target_ref=result.ref, duration_ms=elapsed * 1000, error=""
         )

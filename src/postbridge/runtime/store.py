@@ -82,6 +82,20 @@ class FlowHealth:
     failed: int
 
 
+@dataclass(frozen=True)
+class Attempt:
+    """One hand-on of a message to its target: when, by which worker, and how it ended."""
+
+    flow: str
+    key: str
+    attempt: int  # 1 = the first try
+    at: float
+    outcome: str  # "delivered", "duplicate", "refused" or "refused-permanently"
+    detail: str  # the target's reference, or its error
+    duration_ms: float | None
+    worker: str
+
+
 class RuntimeStore(Protocol):
     """Where the runtime keeps what must survive a restart. Thread-safe; every write is durable when it returns.
 
@@ -113,6 +127,9 @@ class RuntimeStore(Protocol):
     def record_poll(self, flow: str, owner: str, *, ok: bool, at: float, error: str = "", seen: int = 0,
                     delivered: int = 0, failed: int = 0) -> None: ...
     def health(self, flow: str | None = None) -> builtins.list[FlowHealth]: ...
+    def record_attempt(self, flow: str, key: str, *, outcome: str, detail: str, at: float,
+                       duration_ms: float | None = None, worker: str = "") -> Attempt: ...
+    def attempts(self, flow: str, key: str) -> builtins.list[Attempt]: ...
     def close(self) -> None: ...
     # fmt: on
 
@@ -134,6 +151,10 @@ CREATE INDEX IF NOT EXISTS messages_idempotency_key ON messages (idempotency_key
 CREATE INDEX IF NOT EXISTS messages_fingerprint ON messages (flow, mailbox, fingerprint);
 CREATE TABLE IF NOT EXISTS mailboxes (
     flow TEXT NOT NULL, mailbox TEXT NOT NULL, uidvalidity BIGINT NOT NULL, PRIMARY KEY (flow, mailbox));
+CREATE TABLE IF NOT EXISTS attempts (
+    flow TEXT NOT NULL, key TEXT NOT NULL, attempt INTEGER NOT NULL, at DOUBLE PRECISION NOT NULL,
+    outcome TEXT NOT NULL, detail TEXT NOT NULL, duration_ms DOUBLE PRECISION, worker TEXT NOT NULL,
+    PRIMARY KEY (flow, key, attempt));
 CREATE TABLE IF NOT EXISTS leases (flow TEXT PRIMARY KEY, owner TEXT NOT NULL, expires DOUBLE PRECISION NOT NULL);
 CREATE TABLE IF NOT EXISTS flow_health (
     flow TEXT PRIMARY KEY, owner TEXT NOT NULL, last_poll DOUBLE PRECISION, last_success DOUBLE PRECISION,
@@ -143,6 +164,7 @@ INSERT INTO schema_version (version) SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM sc
 """
 _MESSAGE_COLUMNS = ", ".join(MessageRecord.__dataclass_fields__)
 _HEALTH_COLUMNS = ", ".join(FlowHealth.__dataclass_fields__)
+_ATTEMPT_COLUMNS = ", ".join(Attempt.__dataclass_fields__)
 _KEEP = ("idempotency_key", "mailbox", "fingerprint", "subject", "sender", "error", "target_ref")
 _INSERT_MESSAGE = f"""
 INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES ({", ".join(["?"] * len(MessageRecord.__dataclass_fields__))})
@@ -269,6 +291,29 @@ class SqlStore(abc.ABC):
         """True when a message with this fingerprint was delivered or post-processed (an empty one never was)."""
         sql = "SELECT 1 FROM messages WHERE flow = ? AND mailbox = ? AND fingerprint = ? AND status IN (?, ?) LIMIT 1"
         return bool(fingerprint) and bool(self._query(sql, (flow, mailbox, fingerprint, *_DONE)))
+
+    def record_attempt(
+        self,
+        flow: str,
+        key: str,
+        *,
+        outcome: str,
+        detail: str,
+        at: float,
+        duration_ms: float | None = None,
+        worker: str = "",
+    ) -> Attempt:
+        """Add the message's next attempt (numbered from 1) to its history."""
+        sql = f"""INSERT INTO attempts ({_ATTEMPT_COLUMNS})
+            SELECT ?, ?, COALESCE(MAX(attempt), 0) + 1, ?, ?, ?, ?, ? FROM attempts WHERE flow = ? AND key = ?
+            RETURNING {_ATTEMPT_COLUMNS}"""
+        row = self._query(sql, (flow, key, at, outcome, detail, duration_ms, worker, flow, key))[0]
+        return _attempt(row)
+
+    def attempts(self, flow: str, key: str) -> builtins.list[Attempt]:
+        """Every attempt of one message, first first."""
+        sql = f"SELECT {_ATTEMPT_COLUMNS} FROM attempts WHERE flow = ? AND key = ? ORDER BY attempt"
+        return [_attempt(row) for row in self._query(sql, (flow, key))]
 
     def uidvalidity(self, flow: str, mailbox: str) -> int | None:
         rows = self._query("SELECT uidvalidity FROM mailboxes WHERE flow = ? AND mailbox = ?", (flow, mailbox))
@@ -443,3 +488,11 @@ def open_store(url: str, *, home: Path) -> RuntimeStore:
         f"runtime state '{mask_url(value)}' is neither SQLite nor PostgreSQL",
         hint='use "sqlite", "sqlite:///absolute/path.db" or "postgresql://user@host:5432/database"',
     )
+
+
+def _attempt(row: Sequence[Any]) -> Attempt:
+    flow, key, attempt, at, outcome, detail, duration_ms, worker = row
+    return Attempt(
+        str(flow), str(key), int(attempt), float(at), str(outcome), str(detail),
+        None if duration_ms is None else float(duration_ms), str(worker),
+    )  # fmt: skip
