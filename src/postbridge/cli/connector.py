@@ -1,4 +1,8 @@
-"""``postbridge connector …``: enroll, mappings, backend trust store, availability check, run."""
+"""``postbridge connector …``: enroll, mappings, backend trust store, availability check, admin password, run.
+
+The commands only parse arguments and print: every change goes through :mod:`postbridge.services.connector`, the
+same functions the connector's web UI and JSON API call (validation, saving and the audit entry live there).
+"""
 
 from __future__ import annotations
 
@@ -15,12 +19,11 @@ from postbridge.addresses import parse_host_port
 from postbridge.cli import certs_view
 from postbridge.cli.common import console, ctx_obj, print_json, run_async, run_command, setup_logging
 from postbridge.connector.agent import Connector, ConnectorConfig
-from postbridge.connector.check import check_mapping
 from postbridge.connector.enroll import enroll as do_enroll
 from postbridge.connector.enroll import renew as do_renew
-from postbridge.connector.mappings import Mapping, parse_protocol
 from postbridge.connector.state import ConnectorState
-from postbridge.errors import ConfigurationError, TrustError
+from postbridge.errors import TrustError
+from postbridge.services import connector as service
 
 app = typer.Typer(
     help="Run and configure the on-premise connector (dials out to the hub; exposes only mappings).",
@@ -33,8 +36,11 @@ trust_app = typer.Typer(
     help="Backend trust store: CA certificates trusted for 'tcp-tls' mappings. There is no 'trust all'.",
     no_args_is_help=True,
 )
+admin_app = typer.Typer(help="The administrator of the connector's web UI (--ui-listen).", no_args_is_help=True)
 app.add_typer(mapping_app, name="mapping")
 app.add_typer(trust_app, name="truststore")
+app.add_typer(admin_app, name="admin")
+ACTOR = service.ACTOR_CLI
 
 
 def _state(ctx: typer.Context) -> ConnectorState:
@@ -103,23 +109,20 @@ def mapping_add(
 
     def body() -> None:
         state = _state(ctx)
-        mapping = Mapping(
-            virtual=parse_host_port(virtual, what="virtual host"),
-            internal=parse_host_port(to, what="--to"),
-            protocol=parse_protocol(protocol),
-            tls_server_name=tls_server_name or None,
+        mapping = service.add_mapping(
+            state,
+            parse_host_port(virtual, what="virtual host"),
+            parse_host_port(to, what="--to"),
+            protocol=protocol,
+            tls_server_name=tls_server_name,
             description=description,
+            actor=ACTOR,
         )
-        state.mappings.add(mapping)
-        state.audit.config_change(action="mapping-add", detail=mapping.to_json())
         console.print(
             f"[green]mapped[/] {mapping.virtual} -> {mapping.internal} ({mapping.protocol.value})", highlight=False
         )
-        if mapping.protocol.value == "tcp-tls" and not state.truststore.list():
-            console.print(
-                "[yellow]warning:[/] the backend trust store is empty; add the internal CA with "
-                "'postbridge connector truststore add FILE'"
-            )
+        for warning in service.mapping_warnings(state, mapping):
+            console.print(f"[yellow]warning:[/] {warning}", highlight=False)
 
     run_command(body)
 
@@ -129,7 +132,7 @@ def mapping_list(ctx: typer.Context, json_output: Annotated[bool, typer.Option("
     """List mappings."""
 
     def body() -> None:
-        mappings = sorted(_state(ctx).mappings.load().values(), key=lambda m: m.virtual)
+        mappings = service.list_mappings(_state(ctx))
         if json_output:
             print_json([m.to_json() for m in mappings])
             return
@@ -157,9 +160,7 @@ def mapping_remove(
     """Remove a mapping; new connections to it are denied at once."""
 
     def body() -> None:
-        state = _state(ctx)
-        removed = state.mappings.remove(parse_host_port(virtual, what="virtual host"))
-        state.audit.config_change(action="mapping-remove", detail=removed.to_json())
+        removed = service.remove_mapping(_state(ctx), parse_host_port(virtual, what="virtual host"), actor=ACTOR)
         console.print(f"[green]removed[/] {removed.virtual} -> {removed.internal}", highlight=False)
 
     run_command(body)
@@ -181,11 +182,7 @@ def trust_add(
             raise TrustError(
                 f"cannot read '{file}': {exc.strerror}", hint="give the path of a PEM or DER file"
             ) from exc
-        entries = state.truststore.add(data, alias=alias or None, source=str(file))
-        for entry in entries:
-            state.audit.config_change(
-                action="truststore-add", detail={"alias": entry.alias, "fingerprint": entry.info.fingerprint}
-            )
+        for entry in service.add_trusted(state, data, alias=alias, source=str(file), actor=ACTOR):
             console.print(
                 f"[green]trusted[/] {entry.alias}: {entry.info.subject} (SHA-256 {entry.info.fingerprint})",
                 highlight=False,
@@ -218,11 +215,7 @@ def trust_remove(
     """Stop trusting a certificate."""
 
     def body() -> None:
-        state = _state(ctx)
-        entry = state.truststore.remove(alias)
-        state.audit.config_change(
-            action="truststore-remove", detail={"alias": entry.alias, "fingerprint": entry.info.fingerprint}
-        )
+        entry = service.remove_trusted(_state(ctx), alias, actor=ACTOR)
         console.print(f"[green]removed[/] {entry.alias}", highlight=False)
 
     run_command(body)
@@ -238,14 +231,8 @@ def check(
     """Check that a mapping's internal host is reachable: TCP, TLS for tcp-tls, and the mail greeting."""
 
     async def body() -> None:
-        state = _state(ctx)
         target = parse_host_port(virtual, what="virtual host")
-        mapping = state.mappings.load().get(target)
-        if mapping is None:
-            raise ConfigurationError(
-                f"no mapping for virtual host '{target}'", hint="see 'postbridge connector mapping list'"
-            )
-        result = await check_mapping(mapping, tls_context=state.truststore.ssl_context, timeout=timeout)
+        result = await service.check(_state(ctx), target, timeout=timeout)
         if json_output:
             print_json(result.to_json())
         else:
@@ -267,6 +254,21 @@ def run(
     backoff_cap: Annotated[float, typer.Option(help="Longest wait between reconnect attempts, seconds.")] = 5.0,
     ping_interval: Annotated[float, typer.Option(help="Seconds between liveness PINGs on the tunnel.")] = 10.0,
     dead_after: Annotated[float, typer.Option(help="Seconds of silence before the tunnel counts as dead.")] = 30.0,
+    ui_listen: Annotated[
+        str,
+        typer.Option(
+            help="Serve the web UI on HOST:PORT, e.g. 127.0.0.1:8444 (plain HTTP on loopback, else HTTPS with the "
+            "connector's certificate). Log in as 'admin'; see 'postbridge connector admin set-password'."
+        ),
+    ] = "",
+    ui_tls: Annotated[
+        bool | None,
+        typer.Option(
+            "--ui-tls/--ui-no-tls",
+            help="HTTPS for the web UI (default: plain HTTP on a loopback address, HTTPS elsewhere; plain HTTP is "
+            "refused off loopback).",
+        ),
+    ] = None,
 ) -> None:
     """Keep the tunnel to the hub up and serve mapped connections until interrupted."""
     obj = ctx_obj(ctx)
@@ -280,6 +282,8 @@ def run(
             backoff_cap=backoff_cap,
             ping_interval=ping_interval,
             dead_after=dead_after,
+            ui_listen=parse_host_port(ui_listen, what="--ui-listen") if ui_listen else None,
+            ui_tls=ui_tls,
         )
         connector = Connector(state, config)
         stop = asyncio.Event()
@@ -295,3 +299,26 @@ def run(
         await connector.run(stop)
 
     run_async(main)
+
+
+@admin_app.command("set-password")
+def admin_set_password(
+    ctx: typer.Context,
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from standard input (one line).")
+    ] = False,
+) -> None:
+    """Set the password of the web UI's administrator 'admin' (argon2id hash in HOME/connector/admin.json).
+
+    A running connector uses it at the next login; sessions opened with the old password end.
+    """
+
+    def body() -> None:
+        if password_stdin:
+            password = sys.stdin.readline().rstrip("\r\n")
+        else:
+            password = typer.prompt("New password", hide_input=True, confirmation_prompt=True)
+        service.set_admin_password(_state(ctx), password, actor=ACTOR)
+        console.print("[green]password set[/] for the connector UI's administrator 'admin'", highlight=False)
+
+    run_command(body)

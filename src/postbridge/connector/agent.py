@@ -7,6 +7,9 @@
 * Control requests: ``GET /v1/info`` (version, identity, mappings) and ``POST /v1/check`` (availability check).
 * Reconnects with full-jitter exponential backoff (``backoff_base`` .. ``backoff_cap``), renews its certificate when
   a third of its lifetime is left, and drains on shutdown.
+* Counts what happens to every CONNECT in :attr:`Connector.stats` (:mod:`postbridge.connector.stats`) and keeps
+  the tunnel's state (hub, since when, round-trip time, reconnects) for the web UI, which it serves in the same
+  event loop when ``ui_listen`` is set (:mod:`postbridge.web.connector_app`).
 
 This module must not parse SOCKS or HTTP/2 itself.
 """
@@ -18,6 +21,7 @@ import json
 import logging
 import random
 import time
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,8 +30,9 @@ from postbridge.addresses import HostPort, parse_host_port
 from postbridge.connector import enroll as enrollment
 from postbridge.connector.check import check_mapping
 from postbridge.connector.dialer import BackendError, open_backend
-from postbridge.connector.mappings import Mapping
+from postbridge.connector.mappings import Mapping, normalize_virtual
 from postbridge.connector.state import ConnectorState
+from postbridge.connector.stats import ConnectorStats
 from postbridge.errors import ConfigurationError, PostbridgeError
 from postbridge.trust import pki
 from postbridge.tunnel import protocol as tp
@@ -49,6 +54,25 @@ class ConnectorConfig:
     dead_after: float = 30.0
     backoff_base: float = 0.5
     backoff_cap: float = 5.0
+    ui_listen: HostPort | None = None  # serve the web UI here
+    ui_tls: bool | None = None  # HTTPS for the UI; None: plain HTTP on a loopback address, HTTPS elsewhere
+
+
+class _CountedBridge(StreamBridge):
+    """A StreamBridge that reports its backend connection's life to the connector's stats."""
+
+    def __init__(self, stats: ConnectorStats, virtual: str) -> None:
+        super().__init__()
+        self._stats = stats
+        self._virtual = virtual
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._stats.connected(self._virtual, self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._stats.disconnected(self._virtual, self)
 
 
 class Connector:
@@ -63,6 +87,10 @@ class Connector:
         self.session: TunnelSession | None = None
         self.connected = asyncio.Event()
         self.reconnects = 0
+        self.started_at = time.time()
+        self.last_disconnect: tuple[float, str] | None = None  # (when, why) the last tunnel ended
+        self.stats = ConnectorStats()
+        self.ui_address: HostPort | None = None
         self._mappings: dict[HostPort, Mapping] = {}
         self._mappings_version: tuple[int, int] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -77,6 +105,7 @@ class Connector:
                 self._mappings = self.state.mappings.load()
                 if self._mappings_version is not None:
                     log.info("mappings reloaded: %d mapping(s)", len(self._mappings))
+                self.stats.set_mapped({str(virtual) for virtual in self._mappings})
             except ConfigurationError as exc:
                 log.error("mappings file changed but cannot be read, keeping the previous mappings: %s", exc)
             self._mappings_version = version
@@ -101,13 +130,14 @@ class Connector:
                 f"'postbridge connector mapping add {event.target} --to HOST:PORT'"
             )
             log.warning("Access Denied: %s (trace %s)", message, event.trace_id)
+            self.stats.denied(str(normalize_virtual(event.target)), why)
             session.refuse(event.stream_id, "not-allowed", message)
             return
         self.state.audit.access(allowed=True, internal=str(mapping.internal), **audit)
         self._spawn(self._dial(session, event, mapping), f"dial {event.target} {event.trace_id}")
 
     async def _dial(self, session: TunnelSession, event: tp.ConnectRequested, mapping: Mapping) -> None:
-        bridge = StreamBridge()
+        bridge = _CountedBridge(self.stats, str(mapping.virtual))
         bridge.bind(session, event.stream_id)
         started = time.monotonic()
         try:
@@ -119,6 +149,7 @@ class Connector:
             )
         except BackendError as exc:
             log.warning("%s -> %s: %s (trace %s)", event.target, mapping.internal, exc, event.trace_id)
+            self.stats.failed(str(mapping.virtual), exc.message)
             session.refuse(event.stream_id, exc.reason, str(exc))
             return
         if bridge.stream_closed or not session.is_open:
@@ -170,7 +201,19 @@ class Connector:
     # -- running ------------------------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Keep a tunnel up until ``stop`` is set; then drain and close."""
+        """Keep a tunnel up until ``stop`` is set; then drain and close.
+
+        With ``config.ui_listen`` the web UI is served first (ConfigurationError when it cannot listen there).
+        """
+        async with AsyncExitStack() as stack:
+            if self.config.ui_listen is not None:
+                # imported here: the web stack (FastAPI, Jinja2) is loaded only by a connector that serves the UI
+                from postbridge.web.connector_app import serve_ui
+
+                self.ui_address = await serve_ui(self, self.config.ui_listen, stack, tls=self.config.ui_tls)
+            await self._run_tunnel(stop)
+
+    async def _run_tunnel(self, stop: asyncio.Event) -> None:
         attempt = 0
         renewal = self._spawn(self._renewal_loop(stop), "certificate renewal")
         try:
@@ -249,6 +292,7 @@ class Connector:
                 await session.shutdown("connector is shutting down")
             else:
                 log.warning("tunnel to %s lost: %s", self.cloud, session.close_reason)
+                self.last_disconnect = (time.time(), session.close_reason)
         finally:
             stopping.cancel()
             self.connected.clear()
