@@ -46,10 +46,14 @@ with a `tcp` mapping `mail.corp.example:143` -> Dovecot's IMAP port, and an HTTP
   connection. A run counts only when every message arrived: the directory must hold every Message-ID of the set
   once with the right bytes, the sink must have seen every idempotency key and body, the store must call every
   message `post-processed` and Dovecot must show an empty INBOX and a full Archive; otherwise the run is reported
-  as failed, without figures.
+  as failed, without figures. CPU: the runtime's own (`/proc/PID/stat`, user + system) until the benchmark first
+  sees a message in the store ("start-up CPU") and after that, scaled to all messages; hub + connector, Dovecot's
+  process tree and PostgreSQL's over the whole run. The full run runs every configuration twice, interleaved,
+  each time on a fresh mailbox and a fresh store, and the better run counts (load from elsewhere only ever slows a
+  run down).
 - **Baseline**: the mail adapter's own drain of the same message set through the same hub and connector into
   memory (`bench/mail_clients.py` `drain_poller`, the "tunnel" client of `bench/mail.py`, `SqliteState`), measured
-  before and after the four runs; the better of the two is the denominator of every ratio.
+  before the first run and after every round; the best drain is the denominator of every ratio.
 - **IDLE flows**: a flows file with 200 IDLE flows (20 with `--quick`), each on its own empty folder of one
   Dovecot user, through the same tunnel, SQLite state; once the store shows a poll of every flow, VmRSS and the
   thread count of the `postbridge run` process (`/proc/PID/status`), and its CPU over a few idle seconds, against
@@ -185,7 +189,7 @@ def _baseline_lines(run: RuntimeRun) -> list[str]:
     return [
         f"Baseline, the mail adapter's own drain through the same hub + connector into memory (`drain_poller`, "
         f"`SqliteState`): {best.messages:,} messages in {best.seconds:.2f} s = **{best.rate:,.0f} messages/s** "
-        f"(drains before and after the runs: {rates} messages/s; the better one is the denominator), "
+        f"(drains before the first run and after every round: {rates} messages/s; the best is the denominator), "
         f"{fmt(best.per_message_ms(best.client_cpu), 3)} ms client CPU per message."
     ]
 
@@ -217,9 +221,9 @@ def meaning(run: RuntimeRun) -> str:
         whole = [run.ratio(flow.rate) or 0.0 for flow in good]
         sentences.append(
             f"Once running, the runtime moved messages from the mailbox into a target at "
-            f"{low[0]:.2f}-{high[0]:.2f} x the mail adapter's own drain into memory ({low[1].name} slowest, "
-            f"{high[1].name} fastest); counting process start-up, {min(whole):.2f}-{max(whole):.2f} x for "
-            f"{run.messages:,} messages."
+            f"{low[0]:.2f}-{high[0]:.2f} x the rate of the mail adapter's own drain into memory (slowest: "
+            f"{low[1].name}; fastest: {high[1].name}); counting process start-up, {min(whole):.2f}-{max(whole):.2f} x "
+            f"for {run.messages:,} messages."
         )
         by_state: dict[str, list[float]] = {}
         for flow in good:

@@ -37,6 +37,7 @@ from postbridge.mail.poller import (
     PostProcessing,
     ReceivedMessage,
     Selection,
+    fingerprint,
     poll_imap,
     poll_pop3,
     watch_imap,
@@ -47,7 +48,7 @@ from postbridge.mail.transport import MailConnectError
 from postbridge.runtime.config import FlowConfig, RuntimeConfig
 from postbridge.runtime.flowstate import FlowState
 from postbridge.runtime.metrics import Metrics
-from postbridge.runtime.store import FlowHealth, MessageStatus, RuntimeStore
+from postbridge.runtime.store import AttemptInput, FlowHealth, MessageStatus, RuntimeStore
 from postbridge.runtime.targets import Delivery, Target, TargetError
 
 log = logging.getLogger("postbridge.runtime")
@@ -82,6 +83,7 @@ class FlowRunner:
     state: FlowState = field(init=False)
     lease_lost: threading.Event = field(default_factory=threading.Event)
     stop: threading.Event = field(default_factory=threading.Event)
+    _session: ImapSession | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.state = FlowState(self.store, self.flow.name, self.flow.retry)
@@ -89,11 +91,15 @@ class FlowRunner:
     # -- one message ----------------------------------------------------------------------------------------------
 
     def handle(self, message: ReceivedMessage) -> None:
-        """Hand one message to the target. Raises to refuse it (the poller retries), LeaseLost to stop."""
+        """Hand one message to the target. Raises to refuse it (the poller retries), LeaseLost to stop.
+
+        Two commits per delivered message: ``received`` before the target, then the attempt and ``delivered`` (with
+        the fingerprint, so the poller's own ``delivered`` mark is skipped) together. A refusal's attempt row is
+        written with the poller's failure record (:meth:`FlowState.record_failure`)."""
         if self.lease_lost.is_set() or self.stop.is_set():
             raise LeaseLost(self.flow.name)
         name = self.flow.name
-        headers = BytesHeaderParser().parsebytes(message.raw[:65536])
+        headers = BytesHeaderParser().parsebytes(_header_block(message.raw))
         ikey = idempotency_key(name, message.key)
         record = self.store.record(
             name, message.key, MessageStatus.RECEIVED, mailbox=message.mailbox, subject=str(headers.get("Subject", "")),
@@ -111,20 +117,20 @@ class FlowRunner:
             if permanent:
                 self.state.permanent.add(message.key)
             detail = exc.message if isinstance(exc, TargetError) else f"{type(exc).__name__}: {exc}"
-            self.store.record_attempt(
-                name, message.key, outcome="refused-permanently" if permanent else "refused", detail=detail, at=at,
-                duration_ms=(time.perf_counter() - started) * 1000, worker=self.owner,
+            self.state.refusals[message.key] = AttemptInput(
+                "refused-permanently" if permanent else "refused", detail, at,
+                (time.perf_counter() - started) * 1000, self.owner,
             )  # fmt: skip
             self.metrics.message(name, "refused")
             raise
         elapsed = time.perf_counter() - started
-        self.store.record_attempt(
-            name, message.key, outcome="duplicate" if result.duplicate else "delivered", detail=result.ref, at=at,
-            duration_ms=elapsed * 1000, worker=self.owner,
-        )  # fmt: skip
+        outcome = "duplicate" if result.duplicate else "delivered"
         self.store.record(
-            name, message.key, MessageStatus.DELIVERED, target_ref=result.ref, duration_ms=elapsed * 1000, error=""
-        )
+            name, message.key, MessageStatus.DELIVERED, target_ref=result.ref, duration_ms=elapsed * 1000,
+            fingerprint=fingerprint(message.raw),
+            attempt=AttemptInput(outcome, result.ref, at, elapsed * 1000, self.owner),
+        )  # fmt: skip
+        self.state.delivered_now.add(message.key)
         self.metrics.delivered(name, elapsed, duplicate=result.duplicate)
 
     # -- one poll -------------------------------------------------------------------------------------------------
@@ -191,26 +197,32 @@ class FlowRunner:
             self.store.mark_many(self.flow.name, done, MessageStatus.POST_PROCESSED)
 
     def watch(self, on_report: Callable[[PollReport], None]) -> None:
-        """IDLE mode: keep the mailbox drained until stopped or the lease is lost (which hangs up an IDLE at once)."""
-        current: list[ImapSession] = []
+        """IDLE mode: keep the mailbox drained until :meth:`halt` (stop, or the lease lost)."""
 
         def opened() -> ImapSession:
             session = open_session(self.flow.channel)
-            current[:] = [session]
+            self._session = session
             return session
 
-        def hang_up() -> None:
-            for session in current:
-                session.interrupt()
+        watch_imap(
+            opened, self.flow.sender, self.handle, self.state, self.stop, interval=self.flow.interval,
+            on_report=on_report,
+        )  # fmt: skip
 
-        stopper = _Either(self.stop, self.lease_lost, on_set=hang_up)
-        try:
-            watch_imap(
-                opened, self.flow.sender, self.handle, self.state, stopper.event, interval=self.flow.interval,
-                on_report=on_report,
-            )  # fmt: skip
-        finally:
-            stopper.close()
+    def halt(self, *, lease_lost: bool = False) -> None:
+        """Stop the flow here: no further hand-on, and an IDLE in progress is hung up at once (from any thread)."""
+        if lease_lost:
+            self.lease_lost.set()
+        self.stop.set()
+        session = self._session
+        if session is not None:
+            session.interrupt()
+
+
+def _header_block(raw: bytes, limit: int = 65536) -> bytes:
+    """The header block of a message (parsing the body too costs and adds nothing)."""
+    end = raw.find(b"\r\n\r\n", 0, limit)
+    return raw[: end + 2] if end >= 0 else raw[:limit]
 
 
 def _add(total: PollReport, report: PollReport) -> None:
@@ -221,27 +233,6 @@ def _add(total: PollReport, report: PollReport) -> None:
     total.failed += report.failed
     total.quarantined += report.quarantined
     total.errors += report.errors
-
-
-class _Either:
-    """An event set when either of two is set (watch_imap waits on one event); ``on_set`` runs right after."""
-
-    def __init__(self, first: threading.Event, second: threading.Event, on_set: Callable[[], None]) -> None:
-        self.event = threading.Event()
-        self._done = threading.Event()
-        self._on_set = on_set
-        self._thread = threading.Thread(target=self._watch, args=(first, second), daemon=True, name="either")
-        self._thread.start()
-
-    def _watch(self, first: threading.Event, second: threading.Event) -> None:
-        while not self._done.is_set():
-            if first.wait(0.2) or second.is_set():
-                self.event.set()
-                self._on_set()
-                return
-
-    def close(self) -> None:
-        self._done.set()
 
 
 @dataclass
@@ -273,6 +264,7 @@ class Runtime:
         self._stop = threading.Event()
         self._running: dict[str, _Running] = {}
         self._healthy: dict[str, bool] = {}
+        self._renewed: dict[str, float] = {}  # flow -> when this worker last took or renewed its lease
         self._lock = threading.Lock()
         self.flows = {flow.name: flow for flow in config.flows if flow.enabled}
 
@@ -295,7 +287,7 @@ class Runtime:
         with self._lock:
             running = list(self._running.values())
         for item in running:
-            item.runner.stop.set()
+            item.runner.halt()
         for item in running:
             item.thread.join(timeout=30)
         for name in list(self.flows):
@@ -373,9 +365,13 @@ class Runtime:
         with self._lock:
             running = dict(self._running)
         for name, item in running.items():
-            if not self.store.acquire_lease(name, self.owner, lease, now=now):
+            if now - self._renewed.get(name, 0.0) < lease / 3:
+                continue  # renewed lately: a third of the lease is the margin
+            if self.store.acquire_lease(name, self.owner, lease, now=now):
+                self._renewed[name] = now
+            else:
                 log.error("flow %s: lease lost to another worker; stopping it here", name)
-                item.runner.lease_lost.set()
+                item.runner.halt(lease_lost=True)
         health = {h.flow: h for h in self.store.health()}
         for name, flow in self.flows.items():
             if name in running:
@@ -389,6 +385,7 @@ class Runtime:
             if flow.mode == "poll" and not self._still_due(flow, now):
                 self.store.release_lease(name, self.owner)  # another worker polled it since our look
                 continue
+            self._renewed[name] = now
             self._start(flow)
         self._judge_health(health, now)
 

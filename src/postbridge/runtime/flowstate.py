@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from postbridge.runtime.config import RetryPolicy
-from postbridge.runtime.store import MessageStatus, RuntimeStore
+from postbridge.runtime.store import AttemptInput, MessageStatus, RuntimeStore
 
 _TO_POLLER = {
     MessageStatus.POST_PROCESSED: "done",
@@ -47,6 +47,8 @@ class FlowState:
         self.clock = clock
         self.rng = rng or random.Random()
         self.permanent: set[str] = set()
+        self.refusals: dict[str, AttemptInput] = {}  # the handler's refused attempt, written with the failure
+        self.delivered_now: set[str] = set()  # the handler already wrote 'delivered' (with the fingerprint)
 
     def status(self, key: str) -> str | None:
         record = self.store.get(self.flow, key)
@@ -62,6 +64,9 @@ class FlowState:
         return 0 if record is None else record.attempts
 
     def mark(self, key: str, status: str, *, fingerprint: str = "", error: str = "") -> None:
+        if status == "delivered" and key in self.delivered_now:
+            self.delivered_now.discard(key)  # written by the handler already: spare the store a second commit
+            return
         self.store.record(self.flow, key, _FROM_POLLER[status], fingerprint=fingerprint, error=error)
 
     def mark_many(self, keys: list[str], status: str) -> None:
@@ -81,6 +86,7 @@ class FlowState:
             error=error,
             add_attempt=True,
             next_attempt=None if permanent else due,
+            attempt=self.refusals.pop(key, None),
         )
         return self.retry.max_attempts if permanent else attempts
 

@@ -96,6 +96,17 @@ class Attempt:
     worker: str
 
 
+@dataclass(frozen=True)
+class AttemptInput:
+    """An attempt to add together with a :meth:`RuntimeStore.record` (see :class:`Attempt`)."""
+
+    outcome: str
+    detail: str
+    at: float
+    duration_ms: float | None = None
+    worker: str = ""
+
+
 class RuntimeStore(Protocol):
     """Where the runtime keeps what must survive a restart. Thread-safe; every write is durable when it returns.
 
@@ -111,7 +122,7 @@ class RuntimeStore(Protocol):
     def record(self, flow: str, key: str, status: MessageStatus, *, mailbox: str = "", fingerprint: str = "",
                subject: str = "", sender: str = "", size: int = 0, idempotency_key: str = "", error: str = "",
                target_ref: str = "", next_attempt: float | None = None, add_attempt: bool = False,
-               duration_ms: float | None = None) -> MessageRecord: ...
+               duration_ms: float | None = None, attempt: AttemptInput | None = None) -> MessageRecord: ...
     def mark_many(self, flow: str, keys: list[str], status: MessageStatus) -> None: ...
     def get(self, flow: str, key: str) -> MessageRecord | None: ...
     def find(self, key_or_idempotency_key: str) -> list[MessageRecord]: ...
@@ -165,6 +176,9 @@ INSERT INTO schema_version (version) SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM sc
 _MESSAGE_COLUMNS = ", ".join(MessageRecord.__dataclass_fields__)
 _HEALTH_COLUMNS = ", ".join(FlowHealth.__dataclass_fields__)
 _ATTEMPT_COLUMNS = ", ".join(Attempt.__dataclass_fields__)
+_INSERT_ATTEMPT = f"""INSERT INTO attempts ({_ATTEMPT_COLUMNS})
+    SELECT ?, ?, COALESCE(MAX(attempt), 0) + 1, ?, ?, ?, ?, ? FROM attempts WHERE flow = ? AND key = ?
+    RETURNING {_ATTEMPT_COLUMNS}"""
 _KEEP = ("idempotency_key", "mailbox", "fingerprint", "subject", "sender", "error", "target_ref")
 _INSERT_MESSAGE = f"""
 INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES ({", ".join(["?"] * len(MessageRecord.__dataclass_fields__))})
@@ -208,6 +222,10 @@ class SqlStore(abc.ABC):
         """Run one statement per row, all in one transaction."""
 
     @abc.abstractmethod
+    def _transaction(self, statements: Sequence[tuple[str, Sequence[object]]]) -> list[tuple[Any, ...]]:
+        """Run the statements in one transaction (one durable commit); return the rows of the last one."""
+
+    @abc.abstractmethod
     def close(self) -> None: ...
 
     def record(
@@ -227,15 +245,30 @@ class SqlStore(abc.ABC):
         next_attempt: float | None = None,
         add_attempt: bool = False,
         duration_ms: float | None = None,
+        attempt: AttemptInput | None = None,
     ) -> MessageRecord:
-        """Upsert one message (see :class:`RuntimeStore`); done_at is cleared again when the status is not final."""
+        """Upsert one message (see :class:`RuntimeStore`); done_at is cleared again when the status is not final.
+        ``attempt`` adds one row to the message's attempt history in the same transaction (one commit)."""
         status, now = MessageStatus(status), time.time()
         delivered, done = _timestamps(status, now)
         row = (
             *(flow, key, status.value, int(add_attempt), idempotency_key, mailbox, fingerprint, subject, sender),
             *(size, now, now, delivered, done, next_attempt, duration_ms, error, target_ref),
         )
-        return _message(self._query(_UPSERT_MESSAGE, row)[0])
+        if attempt is None:
+            return _message(self._query(_UPSERT_MESSAGE, row)[0])
+        history = (
+            flow,
+            key,
+            attempt.at,
+            attempt.outcome,
+            attempt.detail,
+            attempt.duration_ms,
+            attempt.worker,
+            flow,
+            key,
+        )
+        return _message(self._transaction([(_INSERT_ATTEMPT, history), (_UPSERT_MESSAGE, row)])[0])
 
     def mark_many(self, flow: str, keys: list[str], status: MessageStatus) -> None:
         """Set the status of many messages in one transaction (timestamps as :meth:`record` sets them; an unknown
@@ -304,10 +337,7 @@ class SqlStore(abc.ABC):
         worker: str = "",
     ) -> Attempt:
         """Add the message's next attempt (numbered from 1) to its history."""
-        sql = f"""INSERT INTO attempts ({_ATTEMPT_COLUMNS})
-            SELECT ?, ?, COALESCE(MAX(attempt), 0) + 1, ?, ?, ?, ?, ? FROM attempts WHERE flow = ? AND key = ?
-            RETURNING {_ATTEMPT_COLUMNS}"""
-        row = self._query(sql, (flow, key, at, outcome, detail, duration_ms, worker, flow, key))[0]
+        row = self._query(_INSERT_ATTEMPT, (flow, key, at, outcome, detail, duration_ms, worker, flow, key))[0]
         return _attempt(row)
 
     def attempts(self, flow: str, key: str) -> builtins.list[Attempt]:
@@ -437,6 +467,14 @@ class SqliteStore(SqlStore):
         with self._locked() as db, db:  # the connection's context manager commits, or rolls back on an exception
             db.execute("BEGIN")
             db.executemany(sql, rows)
+
+    def _transaction(self, statements: Sequence[tuple[str, Sequence[object]]]) -> list[tuple[Any, ...]]:
+        rows: list[tuple[Any, ...]] = []
+        with self._locked() as db, db:
+            db.execute("BEGIN")
+            for sql, parameters in statements:
+                rows = db.execute(sql, parameters).fetchall()
+        return rows
 
     def close(self) -> None:
         """Close the file; later calls raise PostbridgeError."""

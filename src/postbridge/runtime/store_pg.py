@@ -121,6 +121,14 @@ class PostgresStore(SqlStore):
         with self._connection() as connection, connection.transaction():
             connection.cursor().executemany(_dialect(sql), rows)
 
+    def _transaction(self, statements: Sequence[tuple[str, Sequence[object]]]) -> list[tuple[Any, ...]]:
+        rows: list[tuple[Any, ...]] = []
+        with self._connection() as connection, connection.transaction():
+            for sql, parameters in statements:
+                cursor = connection.execute(_dialect(sql), parameters)
+                rows = cursor.fetchall() if cursor.description is not None else []
+        return rows
+
     def close(self) -> None:
         """Close the idle connections; one in use is closed when its call ends. Later calls raise."""
         with self._lock:

@@ -52,8 +52,9 @@ def fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(path: Path, data: bytes, *, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data``: temporary file in the same folder, fsync, rename, fsync the folder.
+def write_atomically(path: Path, data: bytes, *, mode: int = 0o600, sync_folder: bool = True) -> None:
+    """Replace ``path`` with ``data``: temporary file in the same folder, fsync, rename, fsync the folder (unless
+    ``sync_folder`` is False: a later write in the same folder will make this rename durable with its own).
 
     Readers see the old file or the new one, never a part; no temporary file is left on failure. Raises OSError.
     """
@@ -69,7 +70,8 @@ def write_atomically(path: Path, data: bytes, *, mode: int = 0o600) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
-    fsync_folder(path.parent)
+    if sync_folder:
+        fsync_folder(path.parent)
 
 
 class DirectoryTarget:
@@ -110,7 +112,7 @@ class DirectoryTarget:
         try:
             existing = path.read_bytes()
         except FileNotFoundError:
-            write_atomically(path, delivery.raw)
+            write_atomically(path, delivery.raw, sync_folder=False)  # the metadata's write syncs the folder
             return False
         if existing != delivery.raw:
             raise TargetError(
