@@ -1,10 +1,17 @@
-"""``postbridge cloud …``: the cloud hub's commands (init, subaccounts, bindings, enrollment tokens, serve)."""
+"""``postbridge cloud …``: the cloud hub's commands (init, subaccounts, bindings, enrollment tokens, the cockpit's
+administrator, serve).
+
+Subaccounts and enrollment tokens go through :class:`postbridge.services.cloud.CloudService`, the same operations
+the cockpit's pages and JSON API call; this module parses arguments and prints.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -14,6 +21,8 @@ from postbridge.addresses import parse_host_port
 from postbridge.cli.common import console, ctx_obj, print_json, run_async, run_command, setup_logging
 from postbridge.cloud.hub import Hub, HubConfig
 from postbridge.cloud.state import HubState
+from postbridge.errors import ConfigurationError
+from postbridge.services.cloud import ADMIN_COMMAND, CloudService, admin_path
 
 app = typer.Typer(
     help="Run and administer the cloud hub (tunnel endpoint, SOCKS5 proxy, token API).", no_args_is_help=True
@@ -22,6 +31,10 @@ subaccount_app = typer.Typer(
     help="Subaccounts: the tenants whose cloud applications use the SOCKS5 proxy.", no_args_is_help=True
 )
 app.add_typer(subaccount_app, name="subaccount")
+admin_app = typer.Typer(
+    help="The cockpit's local administrator (who may log in to the pages and the JSON API).", no_args_is_help=True
+)
+app.add_typer(admin_app, name="admin")
 
 DEFAULT_TUNNEL = "0.0.0.0:8443"
 DEFAULT_SOCKS = "127.0.0.1:1080"
@@ -56,13 +69,19 @@ def subaccount_add(
     """Create a subaccount and print its client id and secret (the secret is shown only once)."""
 
     def body() -> None:
-        client_id, secret = HubState(ctx_obj(ctx).ensure_home()).add_subaccount(name)
+        created = _service(ctx).add_subaccount(name)
         if json_output:
-            print_json({"subaccount": name, "client_id": client_id, "client_secret": secret})
+            print_json(
+                {
+                    "subaccount": created.subaccount,
+                    "client_id": created.client_id,
+                    "client_secret": created.client_secret,
+                }
+            )
             return
-        console.print(f"[green]subaccount '{name}' created[/]")
-        console.print(f"client id:     {client_id}")
-        console.print(f"client secret: {secret}")
+        console.print(f"[green]subaccount '{created.subaccount}' created[/]")
+        console.print(f"client id:     {created.client_id}")
+        console.print(f"client secret: {created.client_secret}")
         console.print("[dim]store the secret now: it is not shown again[/]")
 
     run_command(body)
@@ -73,13 +92,13 @@ def subaccount_list(ctx: typer.Context, json_output: Annotated[bool, typer.Optio
     """List subaccounts (never their secrets)."""
 
     def body() -> None:
-        subaccounts = HubState(ctx_obj(ctx).ensure_home()).subaccounts()
+        subaccounts = _service(ctx).subaccounts()
         if json_output:
-            print_json([{"subaccount": k, "created": v["created"]} for k, v in sorted(subaccounts.items())])
+            print_json([{"subaccount": view.name, "created": view.created} for view in subaccounts])
             return
         table = Table("subaccount", "created")
-        for name, entry in sorted(subaccounts.items()):
-            table.add_row(name, entry["created"])
+        for view in subaccounts:
+            table.add_row(view.name, view.created)
         console.print(table)
 
     run_command(body)
@@ -103,8 +122,6 @@ def binding(
     def body() -> None:
         state = HubState(ctx_obj(ctx).ensure_home())
         if name not in state.subaccounts():
-            from postbridge.errors import ConfigurationError
-
             raise ConfigurationError(
                 f"unknown subaccount '{name}'", hint=f"create it: 'postbridge cloud subaccount add {name}'"
             )
@@ -138,12 +155,18 @@ def enroll(
     """Print a one-time enrollment token for a connector (it pins the hub's CA)."""
 
     def body() -> None:
-        token = HubState(ctx_obj(ctx).ensure_home()).create_enrollment(name, location, ttl * 60)
-        text = token.encode()
+        token = _service(ctx).create_token(name, location, ttl)
         if json_output:
-            print_json({"token": text, "subaccount": name, "location": location, "expires_at": int(token.expires_at)})
+            print_json(
+                {
+                    "token": token.token,
+                    "subaccount": token.subaccount,
+                    "location": token.location,
+                    "expires_at": int(token.expires_at),
+                }
+            )
             return
-        console.print(text, soft_wrap=True, highlight=False)
+        console.print(token.token, soft_wrap=True, highlight=False)
 
     run_command(body)
 
@@ -159,8 +182,13 @@ def serve(
     ] = 10.0,
     ping_interval: Annotated[float, typer.Option(help="Seconds between liveness PINGs on each tunnel.")] = 10.0,
     dead_after: Annotated[float, typer.Option(help="Seconds of silence after which a tunnel is declared dead.")] = 30.0,
+    flows: Annotated[
+        Path | None,
+        typer.Option("--flows", help="Flows file whose health and message log the cockpit shows (read-only)."),
+    ] = None,
 ) -> None:
-    """Run the hub until interrupted (Ctrl-C or SIGTERM drains and stops)."""
+    """Run the hub until interrupted (Ctrl-C or SIGTERM drains and stops). The API address also serves the
+    cockpit (pages under /cockpit/, JSON under /api/v1/cockpit/)."""
     obj = ctx_obj(ctx)
 
     async def main() -> None:
@@ -172,9 +200,15 @@ def serve(
             handshake_timeout=handshake_timeout,
             ping_interval=ping_interval,
             dead_after=dead_after,
+            flows_file=flows.resolve() if flows is not None else None,
         )
         state = HubState(obj.home)
         state.settings()  # fails early with a clear message when not initialised
+        if flows is not None and not flows.is_file():
+            raise ConfigurationError(
+                f"the flows file '{flows}' does not exist",
+                hint="give the file 'postbridge run' uses, or leave --flows out",
+            )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -184,8 +218,6 @@ def serve(
             try:
                 await hub.start(stack)
             except OSError as exc:
-                from postbridge.errors import ConfigurationError
-
                 raise ConfigurationError(
                     f"cannot listen: {exc.strerror or exc}",
                     hint="pick free ports with --tunnel-listen/--socks-listen/--api-listen",
@@ -195,6 +227,49 @@ def serve(
                 f"API {'https://' + str(hub.api_address) if hub.api_address else 'off'}",
                 highlight=False,
             )
+            if hub.api_address is not None:
+                from postbridge.web.auth import AdminStore, first_start
+
+                first_start(
+                    AdminStore(admin_path(obj.home), command=ADMIN_COMMAND),
+                    what=f"cloud cockpit at https://{hub.api_address}/cockpit/",
+                )
             await stop.wait()
 
     run_async(main)
+
+
+@admin_app.command("set-password")
+def admin_set_password(
+    ctx: typer.Context,
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from the first line of stdin.")
+    ] = False,
+) -> None:
+    """Set the password of the cockpit's administrator (asked twice; at least 8 characters). Sessions opened
+    with the old password end."""
+
+    def body() -> None:
+        from postbridge.web.auth import AdminStore
+
+        home = ctx_obj(ctx).ensure_home()
+        if password_stdin:
+            line = sys.stdin.readline()
+            if not line:
+                raise ConfigurationError("no password on stdin", hint="pipe the password as one line into the command")
+            password = line.rstrip("\r\n")
+        elif sys.stdin.isatty():
+            password = typer.prompt("New cockpit password", hide_input=True, confirmation_prompt=True)
+        else:
+            raise ConfigurationError(
+                "cannot prompt for the password: stdin is not a terminal", hint="pass --password-stdin and pipe it in"
+            )
+        store = AdminStore(admin_path(home), command=ADMIN_COMMAND)
+        store.set_password(password)
+        console.print(f"[green]cockpit password set[/] ({store.path})", highlight=False)
+
+    run_command(body)
+
+
+def _service(ctx: typer.Context) -> CloudService:
+    return CloudService(HubState(ctx_obj(ctx).ensure_home()))

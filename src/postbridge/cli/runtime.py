@@ -9,7 +9,6 @@ Must not: schedule or poll itself (runtime/engine.py does).
 from __future__ import annotations
 
 import json
-import re
 import signal
 import time
 from collections.abc import Mapping
@@ -30,6 +29,7 @@ from postbridge.runtime.flows_file import load_flows
 from postbridge.runtime.metrics import Metrics, MetricsServer
 from postbridge.runtime.store import Attempt, MessageRecord, MessageStatus, RuntimeStore, open_store
 from postbridge.runtime.targets import Target, build_target
+from postbridge.services.cloud import parse_since
 from postbridge.trust.credentials import CredentialStore, OAuth2Entry
 
 flows_app = typer.Typer(help="Check a flows file, and see how its flows are doing.", no_args_is_help=True)
@@ -217,21 +217,6 @@ def _store_for(ctx: typer.Context, flows: Path | None, state: str) -> RuntimeSto
     if flows is not None and not state:
         state = _load(home, flows, resolve_secrets=False).state
     return open_store(state, home=home)
-
-
-def parse_since(text: str, now: float) -> float:
-    """'30m', '2h', '1d', '45s' ago, or an ISO date/time. Raises ConfigurationError."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", text)
-    if match:
-        factor = {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
-        return now - float(match.group(1)) * factor
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise ConfigurationError(
-            f"--since '{text}' is neither a duration nor a date", hint="e.g. 30m, 2h, 1d or 2026-11-29T10:00"
-        ) from exc
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 def _record_json(record: MessageRecord) -> dict[str, Any]:

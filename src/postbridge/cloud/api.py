@@ -8,6 +8,9 @@
 * ``GET /healthz``.
 
 Nothing here changes the hub or a connector. Errors are JSON ``{"error": ..., "hint": ...}`` with a 4xx status.
+
+Every other path goes to the cloud cockpit (:mod:`postbridge.web.cloud_app`: pages under ``/cockpit/``, JSON under
+``/api/v1/cockpit/``, login, ``/api/openapi.json``), which has its own administrator login and may change the hub.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 from postbridge.addresses import HostPort
 from postbridge.errors import AuthenticationError, PostbridgeError
+from postbridge.web.cloud_app import build_cockpit
 
 if TYPE_CHECKING:
     from postbridge.cloud.hub import Hub
@@ -125,6 +129,7 @@ def build_app(hub: Hub) -> Starlette:
             Route("/v1/locations/{location}/mappings", mappings, methods=["GET"]),
             Route("/v1/locations/{location}/check", check, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
+            Mount("", app=build_cockpit(hub)),
         ]
     )
 

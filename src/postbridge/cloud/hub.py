@@ -1,17 +1,26 @@
-"""The cloud hub service: tunnel listener, SOCKS5 listener and HTTP API wired together.
+"""The cloud hub service: tunnel listener, SOCKS5 listener and HTTP API (with the cockpit) wired together.
 
 The hub is the :class:`SocksGate` of the SOCKS listener (authentication and routing) and the owner of the connector
 registry. Start it with :meth:`Hub.start` inside an ``AsyncExitStack``; the stack's exit drains and closes all.
+
+For the cockpit the hub also knows which certificate each tunnel was opened with (to close the tunnel of a revoked
+certificate at once), and has its own binding per subaccount: the cockpit's connection test goes through this
+hub's SOCKS5 proxy like any cloud application, authenticated with a random secret that lives only in this
+process's memory (it is never written, logged or shown) instead of the subaccount's client secret, which the hub
+does not know (it keeps a digest).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
+import secrets
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from postbridge.addresses import HostPort
@@ -19,7 +28,8 @@ from postbridge.cloud import tokens
 from postbridge.cloud.registry import ConnectedConnector, Registry
 from postbridge.cloud.state import EnrollmentToken, HubState
 from postbridge.cloud.tunnel_listener import EnrollmentService, TunnelAcceptor, server_context
-from postbridge.errors import PostbridgeError, StreamRefused, TrustError
+from postbridge.errors import AuthenticationError, PostbridgeError, StreamRefused, TrustError
+from postbridge.mail.settings import Binding
 from postbridge.socks.listener import Principal, SocksConnection
 from postbridge.trust import pki
 from postbridge.tunnel.protocol import Role
@@ -39,6 +49,7 @@ class HubConfig:
     ping_interval: float = 10.0
     dead_after: float = 30.0
     drain_grace: float = 10.0
+    flows_file: Path | None = None  # the cockpit shows this runtime's flows and message log
 
 
 class Hub:
@@ -52,13 +63,54 @@ class Hub:
         self.socks_address: HostPort | None = None
         self.api_address: HostPort | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._serials: dict[TunnelSession, int] = {}  # the certificate each open tunnel was opened with
+        self._own_secret = secrets.token_urlsafe(32)  # the own binding's password: in memory only
 
     # -- SocksGate ----------------------------------------------------------------------------------------------
 
     def authenticate_password(self, username: str, password: str) -> Principal:
         subaccount, _, location = username.partition("/")
-        self.state.verify_client(subaccount, password)
+        self._verify_client(subaccount, password)
         return Principal(subaccount, location)
+
+    def _verify_client(self, client_id: str, secret: str) -> str:
+        """The subaccount's client secret, or this process's own secret for an existing subaccount."""
+        if hmac.compare_digest(secret.encode(), self._own_secret.encode()):
+            if client_id in self.state.subaccounts():
+                return client_id
+            raise AuthenticationError(f"client id '{client_id}' or its secret is wrong", hint="check the subaccount")
+        return self.state.verify_client(client_id, secret)
+
+    def own_binding(self, subaccount: str) -> Binding:
+        """How a client inside this process reaches this hub for ``subaccount`` (the cockpit's connection test):
+        the SOCKS5 and API addresses on loopback when the hub listens on all addresses, and the in-memory secret.
+        Raises PostbridgeError when the hub is not started."""
+        if self.socks_address is None:
+            raise PostbridgeError("the hub is not running", hint="start it with 'postbridge cloud serve'")
+        api = _reachable(self.api_address) if self.api_address else None
+        return Binding(
+            socks=_reachable(self.socks_address),
+            subaccount=subaccount,
+            client_secret=self._own_secret,
+            ca_certificate=self.state.ca_pem().decode(),
+            token_url=f"https://{api}/oauth/token" if api else "",
+        )
+
+    def serial_of(self, entry: ConnectedConnector) -> str:
+        """The serial (hex) of the certificate ``entry``'s tunnel was opened with ("" when unknown)."""
+        serial = self._serials.get(entry.session)
+        return "" if serial is None else format(serial, "x")
+
+    def connected_serials(self) -> set[str]:
+        return {format(serial, "x") for session, serial in self._serials.items() if session.is_open}
+
+    def disconnect_certificate(self, serial: int, reason: str) -> int:
+        """Close every tunnel opened with certificate ``serial`` now; returns how many were closed."""
+        sessions = [session for session, known in self._serials.items() if known == serial and session.is_open]
+        for session in sessions:
+            log.warning("closing the tunnel of %s: %s", session.peer, reason)
+            session.close(reason)
+        return len(sessions)
 
     def authenticate_jwt(self, token: str, location: str) -> Principal:
         return Principal(tokens.verify(self.state.jwt_key(), token), location)
@@ -114,8 +166,13 @@ class Hub:
         entry = ConnectedConnector(identity, session, acceptor.peer)
         acceptor.hand_over(transport, session)
         self.registry.register(entry)
-        session.closed.add_done_callback(lambda _: self.registry.unregister(entry))
+        self._serials[session] = serial
+        session.closed.add_done_callback(lambda _: self._forget(entry))
         self._spawn(self.refresh_info(entry), f"info {identity.connector_id}")
+
+    def _forget(self, entry: ConnectedConnector) -> None:
+        self.registry.unregister(entry)
+        self._serials.pop(entry.session, None)
 
     async def refresh_info(self, entry: ConnectedConnector, *, timeout: float = 15.0) -> dict[str, Any]:
         """Ask a connector for its version, location and mappings (cached for the API); on failure keep the cache."""
@@ -195,12 +252,18 @@ class Hub:
         task.add_done_callback(self._tasks.discard)
 
     def token_for(self, client_id: str, secret: str) -> tuple[str, int]:
-        subaccount = self.state.verify_client(client_id, secret)
+        subaccount = self._verify_client(client_id, secret)
         return tokens.issue(self.state.jwt_key(), subaccount), tokens.DEFAULT_TTL
 
     def subaccount_of_bearer(self, token: str) -> str:
         """The subaccount of a valid bearer JWT; raises AuthenticationError otherwise."""
         return tokens.verify(self.state.jwt_key(), token)
+
+
+def _reachable(address: HostPort) -> HostPort:
+    """``address`` as a client on this machine dials it: the wildcard addresses become loopback."""
+    loopback = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+    return HostPort(loopback.get(address.host, address.host), address.port)
 
 
 def _bound(server: asyncio.Server, wanted: HostPort) -> HostPort:
