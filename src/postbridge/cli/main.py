@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from postbridge import __version__
-from postbridge.cli import cloud, connector, credentials, keystore, mail, probe, runtime
+from postbridge.cli import cloud, connector, credentials, keystore, lab, mail, probe, runtime
 from postbridge.cli.common import HOME_HELP, Context, home_from
 from postbridge.demo.command import demo
 
@@ -27,6 +27,7 @@ app.command("run")(runtime.run)
 app.add_typer(runtime.flows_app, name="flows")
 app.add_typer(runtime.messages_app, name="messages")
 app.command("demo")(demo)
+app.command("lab")(lab.lab)
 
 
 def _version(value: bool) -> None:
