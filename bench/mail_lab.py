@@ -29,6 +29,7 @@ from tests.servers import LOOPBACK
 from tests.servers.dovecot import Dovecot
 from tests.servers.postfix import Postfix
 
+from bench.baselines import descendants
 from bench.mail_clients import ARCHIVE
 from bench.measure import cpu_seconds
 from postbridge.addresses import HostPort
@@ -141,23 +142,7 @@ class Lab:
     def dovecot_cpu(self) -> float:
         """CPU seconds of Dovecot's whole process tree so far (live processes and reaped children)."""
         master = int((self.dovecot.folder / "run" / "master.pid").read_text().split()[0])
-        return cpu_seconds(_descendants(master))
-
-
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo += children.get(pid, [])
-    return found
+        return cpu_seconds(descendants(master))
 
 
 @contextlib.contextmanager

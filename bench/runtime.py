@@ -56,6 +56,7 @@ from tests.servers.pki import make_test_pki  # noqa: E402
 from tests.servers.postgres import Postgres, find_bin_directory  # noqa: E402
 
 from bench import runtime_report as report  # noqa: E402
+from bench.baselines import descendants  # noqa: E402
 from bench.mail import SERVER_MISSING, verify  # noqa: E402
 from bench.mail_clients import ARCHIVE, Timed, drain_poller  # noqa: E402
 from bench.mail_lab import (  # noqa: E402
@@ -253,24 +254,7 @@ class Bench:
             master = int(pid_file.read_text().split()[0])
         except (OSError, ValueError, IndexError):
             return None
-        return cpu_seconds(process_tree(master))
-
-
-def process_tree(root: int) -> list[int]:
-    """``root`` and all its descendants (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo += children.get(pid, [])
-    return found
+        return cpu_seconds(descendants(master))
 
 
 def stop_runtime(process: subprocess.Popen[bytes], limit: float = 60.0) -> tuple[float, int]:

@@ -3,8 +3,8 @@
 * A **scheduler** thread ticks every :data:`TICK` seconds. A poll flow is *due* when the store says its last poll
   (by any worker) is ``interval`` old; the worker that wins the flow's lease polls it in a thread until the mailbox
   is drained, records the poll and releases the lease. An IDLE flow keeps its lease while it watches. Leases are
-  renewed on every tick; a worker that loses one (it stalled past the lease) stops handing messages on at once
-  (:class:`LeaseLost`), so one mailbox is never polled by two workers.
+  renewed every third of their length; a worker that loses one (it stalled past the lease) stops handing messages
+  on at once (:class:`LeaseLost`), so one mailbox is never polled by two workers.
 * A **flow runner** hands each message to the target: the log says ``received`` before and ``delivered`` (with the
   target's reference and time) after; the poller then post-processes and the log says ``post-processed``. A refusal
   is retried with exponential backoff (:class:`FlowState`); a permanent one, or the last attempt, quarantines.
