@@ -7,11 +7,13 @@ import hashlib
 import resource
 import socket
 import struct
+import threading
 
 import pytest
 
 from tests.conftest import pattern_block
-from tests.harness import Connector, Stack, socks_connect
+from tests.harness import Connector, Stack, cli, socks_connect
+from tests.servers.pki import TestPki
 
 pytestmark = pytest.mark.e2e
 
@@ -149,3 +151,46 @@ def test_1000_concurrent_streams(stack: Stack, connected: Connector, line_server
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert results == [f"stream {i} says hello".encode() for i in range(count)]
+
+
+def test_a_client_that_leaves_a_tcp_tls_mapping_closes_the_backend_tls(
+    stack: Stack, connected: Connector, test_pki: TestPki
+) -> None:
+    """TLS cannot half-close, so the cloud client's FIN cannot be passed on as one: the connector must still end the
+    backend connection (the server gets close_notify) instead of keeping it, and its stream, open forever."""
+    ended = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+
+    def serve() -> None:  # a TLS server that greets, reads whatever comes and never closes by itself
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        conn.settimeout(30)
+        with test_pki.server_context().wrap_socket(conn, server_side=True) as tls:
+            tls.sendall(b"* OK ready\r\n")
+            try:
+                while tls.recv(4096):
+                    pass
+            except OSError:
+                pass
+            ended.set()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    cli(connected.home, "connector", "truststore", "add", str(test_pki.root_pem))
+    stack.map(
+        connected, "imaps.corp.example:993", f"127.0.0.1:{listener.getsockname()[1]}",
+        "--protocol", "tcp-tls", "--tls-server-name", "mail.corp.example",
+    )  # fmt: skip
+    reply, sock = socks_connect(stack.socks_port, "imaps.corp.example", 993, "acme/dc1", stack.secret)
+    assert reply == 0
+    assert _read_exact(sock, 12) == b"* OK ready\r\n"
+    sock.sendall(b"\x16\x03\x01 a TLS handshake where a plain command belongs\r\n")
+    sock.close()
+    try:
+        assert ended.wait(15), "the connector kept the backend TLS connection open after the client left"
+    finally:
+        listener.close()
+        thread.join(5)

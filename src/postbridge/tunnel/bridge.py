@@ -7,7 +7,9 @@ the socket's write buffer is below its high-water mark; otherwise the acknowledg
 So memory per stream stays bounded by the stream window plus the transport's high-water mark.
 
 Half-close: a local EOF becomes END_STREAM; END_STREAM from the peer becomes ``write_eof()`` where the transport
-supports it (plain TCP). The stream is finished when both directions ended; a local close before that resets it.
+supports it (plain TCP). A TLS transport cannot half-close: the local server then has :data:`NO_HALF_CLOSE_LINGER`
+seconds to answer and close, after which the bridge ends its direction too and closes the TLS connection
+(close_notify). The stream is finished when both directions ended; a local close before that resets it.
 
 This module must not know about SOCKS, mappings or TLS configuration. Subclasses add a set-up phase (the SOCKS
 handshake on the hub) by overriding :meth:`data_received` until :meth:`start` is called.
@@ -21,6 +23,8 @@ import logging
 from postbridge.tunnel.session import TunnelSession
 
 log = logging.getLogger("postbridge.tunnel")
+
+NO_HALF_CLOSE_LINGER = 5.0  # seconds a TLS local side may still answer after the peer's END_STREAM
 
 
 class StreamBridge(asyncio.Protocol):
@@ -41,6 +45,7 @@ class StreamBridge(asyncio.Protocol):
         self._unacked = 0
         self._reading_paused = False
         self._finished = False
+        self._linger: asyncio.TimerHandle | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
@@ -58,8 +63,8 @@ class StreamBridge(asyncio.Protocol):
     def start(self) -> None:
         """Let data flow: send what the local side already sent and resume reading."""
         self.started = True
-        if self._remote_eof and self.transport is not None and self.transport.can_write_eof():
-            self.transport.write_eof()  # the peer half-closed before we were connected
+        if self._remote_eof:
+            self._pass_on_eof()  # the peer half-closed before we were connected
         self._pump()
         if not self._held and not self._local_eof:
             self._resume_reading()
@@ -69,6 +74,8 @@ class StreamBridge(asyncio.Protocol):
         if self._finished:
             return
         self._finished = True
+        if self._linger is not None:
+            self._linger.cancel()
         if self.session is not None:
             if reset:
                 self.session.reset_stream(self.stream_id)
@@ -144,12 +151,34 @@ class StreamBridge(asyncio.Protocol):
             return
         if self._eof_sent:
             self.finish(reset=False)
-        elif self.transport.can_write_eof():
-            try:
-                self.transport.write_eof()
-            except OSError as exc:  # the local peer is gone (ENOTCONN): give up this stream only
-                log.debug("stream %s: local socket cannot take the FIN: %s", self.stream_id, exc)
-                self.finish(reset=True)
+        elif self.started:
+            self._pass_on_eof()
+
+    def _pass_on_eof(self) -> None:
+        """The peer's END_STREAM to the local side: a FIN, or (TLS) a close after the linger."""
+        if self.transport is None or self._finished:
+            return
+        if not self.transport.can_write_eof():
+            if self._linger is None:
+                loop = asyncio.get_running_loop()
+                self._linger = loop.call_later(NO_HALF_CLOSE_LINGER, self._end_local_side)
+            return
+        try:
+            self.transport.write_eof()
+        except OSError as exc:  # the local peer is gone (ENOTCONN): give up this stream only
+            log.debug("stream %s: local socket cannot take the FIN: %s", self.stream_id, exc)
+            self.finish(reset=True)
+
+    def _end_local_side(self) -> None:
+        """The linger is over: stop reading the local side, end our direction and close (reset if bytes are held)."""
+        self._linger = None
+        if self._finished:
+            return
+        log.debug("stream %s: the peer ended and the local TLS side cannot half-close: closing it", self.stream_id)
+        self._local_eof = True
+        self._pump()
+        if not self._finished:
+            self.finish(reset=True)
 
     def tunnel_reset(self, error_code: int) -> None:
         self._finished = True
