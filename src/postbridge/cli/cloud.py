@@ -22,7 +22,7 @@ from postbridge.cli.common import console, ctx_obj, print_json, run_async, run_c
 from postbridge.cloud.hub import Hub, HubConfig
 from postbridge.cloud.state import HubState
 from postbridge.errors import ConfigurationError
-from postbridge.services.cloud import ADMIN_COMMAND, CloudService, admin_path
+from postbridge.services.cloud import ADMIN_COMMAND, CloudService, admin_path, binding_document
 
 app = typer.Typer(
     help="Run and administer the cloud hub (tunnel endpoint, SOCKS5 proxy, token API).", no_args_is_help=True
@@ -129,17 +129,7 @@ def binding(
             state.verify_client(name, secret)
         socks_address = parse_host_port(socks, what="--socks")
         api_address = parse_host_port(api, what="--api")
-        print_json(
-            {
-                "subaccount": name,
-                "onpremise_proxy_host": socks_address.host,
-                "onpremise_socks5_proxy_port": socks_address.port,
-                "token_service_url": f"https://{api_address}/oauth/token",
-                "clientid": name,
-                "clientsecret": secret or "<the secret printed by 'postbridge cloud subaccount add'>",
-                "ca_certificate": state.ca_pem().decode(),
-            }
-        )
+        print_json(binding_document(state, name, secret, socks_address, api_address))
 
     run_command(body)
 

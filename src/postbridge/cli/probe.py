@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -47,36 +48,42 @@ _SUMMARIES = {
 }
 
 
-def render(report: ProbeReport) -> None:
-    """One line per step: ✓/⚠/✗, name, timing, detail; cause, evidence and fix under the failing step; the chain."""
-    console.print(f"[bold]postbridge test {report.kind}[/] {escape(report.target)}", highlight=False)
+def render(report: ProbeReport, out: Console | None = None) -> None:
+    """One line per step: ✓/⚠/✗, name, timing, detail; cause, evidence and fix under the failing step; the chain.
+    Printed on ``out`` (default: the CLI's console)."""
+    out = out or console
+    out.print(f"[bold]postbridge test {report.kind}[/] {escape(report.target)}", highlight=False)
     width = max((len(step.name) for step in report.steps), default=0)
     for step in report.steps:
         mark = "[red]✗[/]" if not step.ok else "[yellow]⚠[/]" if step.warning else "[green]✓[/]"
         timing = f"{step.elapsed_ms:8.1f} ms"
-        console.print(f" {mark} {step.name:<{width}} {timing}  {escape(step.detail)}", highlight=False)
+        out.print(f" {mark} {step.name:<{width}} {timing}  {escape(step.detail)}", highlight=False)
         if step.warning:
-            console.print(f"     [yellow]warning:[/] {escape(step.warning)}", highlight=False)
+            out.print(f"     [yellow]warning:[/] {escape(step.warning)}", highlight=False)
         if not step.ok:
-            console.print(f"     [red]cause:[/] {escape(step.cause)}", highlight=False)
+            out.print(f"     [red]cause:[/] {escape(step.cause)}", highlight=False)
         for line in step.evidence:
-            console.print(f"     [cyan]seen:[/]  {escape(line)}", highlight=False)
+            out.print(f"     [cyan]seen:[/]  {escape(line)}", highlight=False)
         if not step.ok and step.fix:
-            console.print(f"     [yellow]fix:[/]   {escape(step.fix)}", highlight=False)
+            out.print(f"     [yellow]fix:[/]   {escape(step.fix)}", highlight=False)
     if report.chain is not None:
-        render_chain(report.chain)
+        render_chain(report.chain, out)
     if report.ok:
-        console.print(f"[green]all {len(report.steps)} steps passed[/]", highlight=False)
+        out.print(f"[green]all {len(report.steps)} steps passed[/]", highlight=False)
     else:
-        console.print("[red]the test failed[/]", highlight=False)
+        out.print("[red]the test failed[/]", highlight=False)
 
 
-def render_chain(chain: ChainReport) -> None:
-    """The certificate chain as a table, server certificate first."""
+def render_chain(chain: ChainReport, out: Console | None = None) -> None:
+    """The certificate chain as a table, server certificate first, on ``out`` (default: the CLI's console)."""
+    out = out or console
     now = datetime.now(UTC)
     table = Table(title="certificate chain (server certificate first)", title_justify="left")
-    for column in ("#", "role", "certificate", "valid until", "SHA-256", "from", "trusted"):
-        table.add_column(column, overflow="fold", no_wrap=column in ("#", "role", "valid until", "SHA-256"))
+    for column in ("#", "role", "certificate", "valid until", "SHA-256", "trusted"):
+        wide = column in ("certificate", "trusted")  # the subject and the verdict get the room a table leaves
+        table.add_column(
+            column, overflow="fold", no_wrap=column in ("#", "role", "SHA-256"), min_width=18 if wide else None
+        )
     for number, cert in enumerate(chain.certificates, start=1):
         info = cert.info
         until = f"{info.not_after:%Y-%m-%d}"
@@ -86,11 +93,10 @@ def render_chain(chain: ChainReport) -> None:
         described = f"{escape(info.subject)}\n[dim]issued by[/] {escape(info.issuer)}"
         if info.sans:
             described += f"\n[dim]names[/] {escape(short_sans(info.sans, 4))}"
+        described += f"\n[dim]from[/] {escape(cert.source)}"
         verdict = ("[green]✓[/] " if cert.trusted else "[red]✗[/] ") + escape(cert.why)
-        table.add_row(
-            str(number), cert.role, described, until, short_fingerprint(info.fingerprint), escape(cert.source), verdict
-        )
-    console.print(table)
+        table.add_row(str(number), cert.role, described, until, short_fingerprint(info.fingerprint), verdict)
+    out.print(table)
 
 
 def download_chain(chain: ChainReport | None, path: Path) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,15 +21,12 @@ from rich.table import Table
 
 from postbridge.cli.common import console, ctx_obj, print_json, run_command, setup_logging
 from postbridge.errors import ConfigurationError
-from postbridge.mail.settings import Credentials
 from postbridge.runtime.config import EXAMPLE, FlowsFileError, RuntimeConfig
-from postbridge.runtime.engine import Runtime, flow_health_rows
-from postbridge.runtime.flows_file import load_flows
+from postbridge.runtime.engine import flow_health_rows
+from postbridge.runtime.launch import opened_runtime, read_flows
 from postbridge.runtime.metrics import Metrics, MetricsServer
 from postbridge.runtime.store import Attempt, MessageRecord, MessageStatus, RuntimeStore, open_store
-from postbridge.runtime.targets import Target, build_target
 from postbridge.services.cloud import parse_since
-from postbridge.trust.credentials import CredentialStore, OAuth2Entry
 
 flows_app = typer.Typer(help="Check a flows file, and see how its flows are doing.", no_args_is_help=True)
 messages_app = typer.Typer(help="The message processing log: what happened to every message.", no_args_is_help=True)
@@ -39,28 +35,8 @@ FlowsArgument = Annotated[Path, typer.Argument(help="The flows file (TOML; see '
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
-class _NamesOnly:
-    """A credential resolver that checks a name exists without fetching a token (for check and status)."""
-
-    def __init__(self, store: CredentialStore) -> None:
-        self.store = store
-
-    def resolve(self, name: str) -> Credentials:
-        entry = self.store.get(name)
-        return Credentials(entry.user, "(not fetched)", token=isinstance(entry, OAuth2Entry))
-
-
-def _check_target(home: Path, credentials: Any) -> Any:
-    def check(table: Mapping[str, Any], source: str) -> None:
-        build_target(table, source=source, home=home, credentials=credentials).close()
-
-    return check
-
-
 def _load(home: Path, path: Path, *, resolve_secrets: bool) -> RuntimeConfig:
-    store = CredentialStore(home)
-    credentials: Any = store if resolve_secrets else _NamesOnly(store)
-    return load_flows(path, credentials=credentials, check_target=_check_target(home, credentials))
+    return read_flows(home, path, resolve_secrets=resolve_secrets)
 
 
 def _show_problems(error: FlowsFileError) -> None:
@@ -102,37 +78,26 @@ def run(
             _show_problems(exc)
             return 2
         console.print(_flows_table(config))
-        store = open_store(config.state, home=home)
-        targets: dict[str, Target] = {}
-        server: MetricsServer | None = None
-        try:
-            credentials = CredentialStore(home)
-            for flow in config.flows:
-                if flow.enabled:
-                    targets[flow.name] = build_target(
-                        flow.target, source=flow.target_source, home=home, credentials=credentials
-                    )
-            metrics = Metrics()
-            runtime = Runtime(config, store, targets, metrics, owner=worker or None)
+        metrics = Metrics()
+        with opened_runtime(home, config, metrics=metrics, worker=worker or None) as runtime:
             if once:
                 results = runtime.run_once()
                 for name, error in results.items():
                     mark = "[green]✓[/]" if not error else "[red]✗[/]"
                     console.print(f"{mark} {name}: {escape(error or 'drained')}", highlight=False)
                 return 1 if any(results.values()) else 0
+            server: MetricsServer | None = None
             if config.metrics is not None:
                 server = MetricsServer(metrics, config.metrics, runtime.ready)
                 console.print(f"metrics, /healthz and /readyz on http://{server.address}/", highlight=False)
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(signum, lambda *_: runtime.stop())
-            runtime.run()
+            try:
+                for signum in (signal.SIGTERM, signal.SIGINT):
+                    signal.signal(signum, lambda *_: runtime.stop())
+                runtime.run()
+            finally:
+                if server is not None:
+                    server.close()
             return 0
-        finally:
-            if server is not None:
-                server.close()
-            for target in targets.values():
-                target.close()
-            store.close()
 
     code = run_command(body)
     if code:

@@ -1,8 +1,8 @@
-"""What the demo talks about and what it expects: the names of the story and the four classic errors.
+"""What the demo talks about and what it expects: the names of the story and the three classic errors.
 
-Owns the subaccount, location ID and virtual hosts of the story, :data:`ERROR_CASES` (each error a cloud application
-meets, with the SOCKS5 reply it must get and the plain-words diagnosis) and :data:`REPLY_WORDS` (what Java and curl
-print for each reply). Pure data: must not do I/O. A test may replace :data:`ERROR_CASES` to make a step fail.
+Owns the subaccount, location ID, users and virtual hosts of the story and :data:`ERROR_CASES`: each mistake a
+cloud application's configuration commonly holds, as the connection test settings that reproduce it and the words
+its diagnosis must contain. Pure data: must not do I/O. A test may replace :data:`ERROR_CASES` to make a step fail.
 """
 
 from __future__ import annotations
@@ -10,71 +10,66 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from postbridge.addresses import HostPort
-from postbridge.demo.onprem import SERVER_NAME
+from postbridge.lab.server import DEFAULT_DOMAIN, DEFAULT_PASSWORDS, DEFAULT_SERVER_NAME
+from postbridge.mail.settings import Protection
 
 SUBACCOUNT = "demo"
 LOCATION = "dc1"
-IMAP = HostPort(SERVER_NAME, 143)
-IMAPS = HostPort(SERVER_NAME, 993)
-DOWN = HostPort("down.corp.example", 143)
+SERVER_NAME = DEFAULT_SERVER_NAME
+
+IMAP = HostPort(SERVER_NAME, 143)  # tcp -> the lab's IMAP port (STARTTLS end to end)
+IMAPS = HostPort(SERVER_NAME, 993)  # tcp-tls -> the lab's IMAPS port (the connector does the TLS)
+SUBMISSION = HostPort(SERVER_NAME, 587)  # tcp -> the lab's submission port (STARTTLS end to end)
+DOWN = HostPort("mail-old.corp.example", 143)  # mapped to a port where nothing listens
+
+READER = "alice"  # whose mailbox the flow drains
+SENDER = "bob"  # who sends the demo's mails through the tunnel
+PASSWORDS = DEFAULT_PASSWORDS
+DOMAIN = DEFAULT_DOMAIN
+MAIL_COUNT = 3
 
 
 @dataclass(frozen=True)
 class ErrorCase:
-    """One classic error a cloud application meets: whom it asks for what, and the reply it must get."""
+    """One classic mistake: the connection test's target and protection, and what its diagnosis must say.
+
+    ``cause`` and ``fix`` are words the failing step's cause and fix must contain (case-insensitive);
+    ``explanation`` says in plain words what went wrong.
+    """
 
     title: str
-    location: str
     target: HostPort
-    expected_reply: int
-    diagnosis: str
-    wrong_secret: bool = False
-    show_audit: bool = False
+    protection: Protection
+    cause: str
+    fix: str
+    explanation: str
+    audited: bool = False  # the connector's audit log holds an Access Denied record for it
 
 
 ERROR_CASES: tuple[ErrorCase, ...] = (
     ErrorCase(
-        "an unmapped virtual host",
-        LOCATION,
-        HostPort(SERVER_NAME, 25),
-        0x02,
-        "the connector has no mapping for this virtual host:port; everything unmapped is denied and audited",
-        show_audit=True,
-    ),
-    ErrorCase(
-        "a wrong location ID",
-        "dc9",
-        IMAP,
-        0x03,
-        "no connector of subaccount 'demo' is connected at location 'dc9', so the hub has no tunnel to use",
+        "an unmapped virtual host (a typo in the port)",
+        HostPort(SERVER_NAME, 1143),
+        Protection.STARTTLS_MANDATORY,
+        "Connection not allowed by ruleset",
+        f"did you mean {IMAP}?",
+        "the connector denies (and audits) everything it has no mapping for; the hub lists the location's mappings",
+        audited=True,
     ),
     ErrorCase(
         "a mapped host that is down",
-        LOCATION,
         DOWN,
-        0x04,
-        "the mapping exists, but the connector could not connect to its internal address (nothing listens)",
+        Protection.STARTTLS_MANDATORY,
+        "Host unreachable",
+        "connection refused",
+        "the mapping exists but nothing answers at its internal address; the hub asks the connector to check it",
     ),
     ErrorCase(
-        "a wrong secret",
-        LOCATION,
-        IMAP,
-        0x05,
-        "the subaccount's client secret is wrong, so the hub refuses before it routes anything",
-        wrong_secret=True,
+        "a protection that does not fit the mapping",
+        IMAPS,
+        Protection.TLS,
+        "greets in plain text",
+        "use protection 'off'",
+        "the tcp-tls mapping already does the TLS, so the application's own TLS handshake meets a plain greeting",
     ),
 )
-
-
-# The words Java's SocksSocketImpl and curl print for each SOCKS5 reply (the design's reply table).
-REPLY_WORDS: dict[int, str] = {
-    0x00: "succeeded",
-    0x01: "General failure",
-    0x02: "Connection not allowed by ruleset",
-    0x03: "Network unreachable",
-    0x04: "Host unreachable",
-    0x05: "Connection refused",
-    0x06: "TTL expired",
-    0x07: "Command not supported",
-    0x08: "Address type not supported",
-}

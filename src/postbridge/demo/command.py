@@ -1,10 +1,12 @@
-"""``postbridge demo [--once] [--home DIR]``: the demo home, its log file, signals, exit codes and the try-it-yourself
-phase around the story (:mod:`postbridge.demo.story`).
+"""``postbridge demo [--once] [--home DIR]``: the demo home, its log file, signals, exit codes and the keep-running
+phase after the story (:mod:`postbridge.demo.story`): the flow polls on, the web UIs stay up, and the commands to
+try are printed.
 
 Owns: choosing the demo home (a temporary folder removed on exit, or ``--home``: a new or empty folder, or one
 an earlier demo made, whose state is replaced), sending the hub's and the connector's logging to
 ``HOME/demo.log`` instead of the terminal (and putting logging back as it was afterwards), Ctrl-C / SIGTERM, and
 the exit code: 0 when every step met its expectation, 1 when one did not, 130 when interrupted.
+``--once`` exits after the story; without it the runtime keeps polling the demo's flow in a thread until Ctrl-C.
 
 Must not: read or write ``$POSTBRIDGE_HOME`` or ``~/.postbridge`` (the global ``--home`` is ignored on purpose), or
 leave a server, a task or a temporary folder behind.
@@ -29,15 +31,15 @@ from rich.console import Console
 
 from postbridge.cli.common import console as default_console
 from postbridge.cli.common import ctx_obj, run_command
-from postbridge.demo.cases import IMAP, IMAPS, LOCATION, SUBACCOUNT
 from postbridge.demo.narration import Narrator
-from postbridge.demo.story import Demo, HubMessages
+from postbridge.demo.serve import keep_running
+from postbridge.demo.story import Demo
 from postbridge.errors import ConfigurationError, HomeError
 from postbridge.home import private_dir
 
 MARKER = ".postbridge-demo"
 LOG_NAME = "demo.log"
-_DEMO_PARTS = ("hub", "onprem", "connector", LOG_NAME)
+_DEMO_PARTS = ("lab", "cloud", "connector", LOG_NAME, "hub", "onprem")  # the last two: homes of older demos
 _LOG_TAIL = 15  # log lines shown when a step failed (a temporary home and its log are removed on exit)
 
 
@@ -55,7 +57,9 @@ def demo(
         ),
     ] = None,
 ) -> None:
-    """Show the tunnel story in one process: an on-premise server, a hub, a connector, SOCKS5 and its errors."""
+    """Show postbridge at work on this machine: a lab mail server, a cloud hub and a connector in one process,
+    the connection test, mail through the tunnel, a flow, the classic errors; then keep running with the web UIs
+    until Ctrl-C (--once: exit after the story)."""
     level = ctx_obj(ctx).log_level
     code = run_command(lambda: run_demo(once=once, home=home, log_level=level))
     raise typer.Exit(code)
@@ -75,13 +79,13 @@ def run_demo(
     folder, temporary = prepare_home(home)
     log_path = folder / LOG_NAME
     narrator = Narrator(out)
-    narrator.title("postbridge demo: the tunnel story, in one process on 127.0.0.1")
+    narrator.title("postbridge demo: a cloud application reaches an on-premise mail server through the connector")
     kept = "temporary, removed on exit" if temporary else "kept after exit"
     narrator.line(f"home: {folder} ({kept})")
     narrator.line(f"hub and connector log: {log_path}")
     try:
-        with _logging_to(log_path, numeric) as hub_messages:
-            code = asyncio.run(_main(Demo(folder, narrator, hub_messages), narrator, once=once))
+        with _logging_to(log_path, numeric):
+            code = asyncio.run(_main(Demo(folder, narrator), narrator, once=once))
         if code == 1:
             _show_log_tail(narrator, log_path)
         return code
@@ -138,15 +142,15 @@ async def _main(story: Demo, narrator: Narrator, *, once: bool) -> int:
     try:
         async with AsyncExitStack() as stack:
             await story.run(stack)
-            narrator.summary(len(story.steps()) + 1)
+            narrator.summary()
             if not once:
                 if not story.ready_to_serve:
-                    narrator.line("the tunnel did not come up, so there is nothing to try by hand", style="red")
+                    narrator.line("the story did not get far enough, so there is nothing to keep running", style="red")
                     return 1
+                await keep_running(story, stack)
                 phase["serving"] = True
-                _invite(narrator, story)
                 await stop.wait()
-                narrator.line("stopping: closing the tunnel, the hub and the on-premise server")
+                narrator.line("stopping: the flow, the connector, the hub and the lab server")
     except asyncio.CancelledError:
         if not phase["interrupted"]:
             raise
@@ -160,30 +164,13 @@ async def _main(story: Demo, narrator: Narrator, *, once: bool) -> int:
     return 0 if narrator.all_passed else 1
 
 
-def _invite(narrator: Narrator, story: Demo) -> None:
-    socks = story.socks_address
-    user = f"{SUBACCOUNT}/{LOCATION}"
-    narrator.line("")
-    narrator.line("The demo keeps running: try the proxy with any SOCKS5 client.", style="bold")
-    narrator.line(f"SOCKS5 proxy: {socks}   user: {user}   password: {story.secret}", indent=3)
-    narrator.line("for example (type 'a LOGOUT' after the greeting to end the session):", indent=3)
-    for target in (IMAP, IMAPS):
-        narrator.line(
-            f"curl --socks5-hostname {socks} --proxy-user '{user}:{story.secret}' telnet://{target}",
-            style="cyan",
-            indent=3,
-        )
-    narrator.line("Press Ctrl-C to stop.", style="bold")
-
-
 @contextlib.contextmanager
-def _logging_to(path: Path, level: int) -> Iterator[HubMessages]:
+def _logging_to(path: Path, level: int) -> Iterator[None]:
     """Send the ``postbridge`` and ``asyncio`` loggers to ``path`` only (not the terminal); restore them after."""
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
     file_handler = logging.FileHandler(path, encoding="utf-8")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     file_handler.setLevel(level)
-    hub_messages = HubMessages()
     settings = {"postbridge": min(level, logging.WARNING), "asyncio": logging.WARNING}
     saved = []
     for name, wanted in settings.items():
@@ -192,11 +179,9 @@ def _logging_to(path: Path, level: int) -> Iterator[HubMessages]:
         logger.setLevel(wanted)
         logger.propagate = False
         logger.addHandler(file_handler)
-    logging.getLogger("postbridge").addHandler(hub_messages)
     try:
-        yield hub_messages
+        yield
     finally:
-        logging.getLogger("postbridge").removeHandler(hub_messages)
         for logger, old_level, old_propagate in saved:
             logger.removeHandler(file_handler)
             logger.setLevel(old_level)

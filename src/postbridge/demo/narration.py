@@ -129,10 +129,10 @@ class Narrator:
 
     # -- the end ------------------------------------------------------------------------------------------------
 
-    def summary(self, number: int) -> None:
-        """Print the summary table as step ``number``: every step, its result and its time."""
+    def summary(self) -> None:
+        """Print the summary table: every step, its result and its time."""
         self.console.print()
-        self.console.print(f"[bold cyan]Step {number}[/]  [bold]Summary[/]", highlight=False)
+        self.console.print("[bold cyan]Summary[/]", highlight=False)
         table = Table("step", "what", "result", "time", title=None, show_lines=False)
         for outcome in self.outcomes:
             result = Text("passed", style="green") if outcome.passed else Text(outcome.detail, style="red")

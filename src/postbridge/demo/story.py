@@ -1,16 +1,17 @@
-"""The tunnel story of ``postbridge demo``: five steps, each showing one thing and checking that it happened.
+"""The story of ``postbridge demo``: five steps, each showing one thing and checking that it happened.
 
-1. an "on-premise" mail-like server (plain and implicit TLS) stands in for the mail server in the private network;
-2. a hub is initialised and started, a connector is enrolled with a one-time token and connects;
-3. two mappings (``tcp`` and ``tcp-tls``), the backend trust store and the availability check;
-4. a cloud application reaches both virtual hosts through the hub's SOCKS5 proxy and the tunnel;
-5. the four classic errors, each with its SOCKS5 reply, the words clients print, and the diagnosis.
+0. the stage: the lab mail server (the "on-premise" IMAP/POP3/SMTP server), a cloud hub, a connector enrolled on
+   the fly;
+1. the lab server mapped twice (``tcp`` to its STARTTLS port, ``tcp-tls`` to its implicit-TLS port; SMTP submission
+   too) and the connector's availability check of each, asked for through the tunnel;
+2. the connection test as a cloud application runs it: STARTTLS fails on the unknown lab CA, the lab root and
+   intermediate are shown and added to the keystore, the test passes; then ``off`` over the ``tcp-tls`` mapping;
+3. mail sent through the tunnel over SMTP, and a flow that polls it back into a folder;
+4. the three classic errors (cases in :mod:`postbridge.demo.cases`), each with the connection test's diagnosis.
 
-Owns the steps, what each one checks (the error cases and their expected replies live in
-:mod:`postbridge.demo.cases`), and :class:`HubMessages`, which keeps the hub's refusal messages so that a diagnosis
-can quote them. Everything runs in the caller's event loop on 127.0.0.1;
-every service is registered on the caller's ``AsyncExitStack``. Must not print except through the
-:class:`Narrator`, set up logging, or touch any folder but the demo home it is given.
+Owns the steps and what each one checks. Everything runs in the caller's event loop on 127.0.0.1 (the blocking
+mail clients in worker threads); every service is registered on the caller's ``AsyncExitStack``. Must not print
+except through the :class:`Narrator`, set up logging, or touch any folder but the demo home it is given.
 """
 
 from __future__ import annotations
@@ -18,112 +19,83 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import socket
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import TypeVar
-from urllib.parse import quote
 
-from python_socks import ProxyConnectionError, ProxyError, ProxyTimeoutError
-from python_socks.async_.asyncio import Proxy
 from rich.table import Table
 
 from postbridge.addresses import HostPort
-from postbridge.cloud.hub import Hub, HubConfig
-from postbridge.cloud.state import HubState
-from postbridge.connector.agent import Connector, ConnectorConfig
-from postbridge.connector.enroll import enroll
-from postbridge.connector.mappings import Mapping, Protocol
-from postbridge.connector.state import ConnectorState
-from postbridge.demo import cases
-from postbridge.demo.cases import DOWN, IMAP, IMAPS, LOCATION, REPLY_WORDS, SUBACCOUNT, ErrorCase
-from postbridge.demo.dialogue import CLOSE_TIMEOUT, converse, greet_directly, stop_task
+from postbridge.cli.probe import render
+from postbridge.connector.mappings import Mapping
+from postbridge.demo import cases, mailflow
+from postbridge.demo.cases import DOWN, IMAP, IMAPS, LOCATION, READER, SERVER_NAME, SUBACCOUNT, SUBMISSION, ErrorCase
 from postbridge.demo.narration import Narrator
-from postbridge.demo.onprem import GREETING, LOOPBACK, SERVER_NAME, DemoPki, OnPremServer, make_demo_pki, server_context
+from postbridge.demo.stage import ACTOR, LOOPBACK, Stage
 from postbridge.errors import PostbridgeError
-from postbridge.home import private_dir
+from postbridge.mail.probe import ProbeReport, run_probe
+from postbridge.mail.settings import ChannelSettings, Protection
+from postbridge.runtime.engine import Runtime
+from postbridge.runtime.launch import opened_runtime, read_flows
+from postbridge.runtime.store import MessageStatus
+from postbridge.services import connector as connector_service
+from postbridge.trust.pki import describe, load_certificates
 
 log = logging.getLogger("postbridge.demo")
-T = TypeVar("T")
 
-STEP_TIMEOUT = 10.0
-CONNECT_TIMEOUT = 5.0
-LISTED_TIMEOUT = 8.0
-ENROLL_TTL = 15 * 60.0
+STEP_TIMEOUT = 30.0
+CHECK_TIMEOUT = 5.0
 
-
-_TRACE_PREFIX = re.compile(r"^.*? trace \S+: ")
-
-
-class HubMessages(logging.Handler):
-    """Keeps the hub's SOCKS5 refusal messages (warnings of ``postbridge.socks``) to quote them in diagnoses."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.name.startswith("postbridge.socks"):
-            self.messages.append(_TRACE_PREFIX.sub("", record.getMessage(), count=1))
-
-    def mark(self) -> int:
-        return len(self.messages)
-
-    def since(self, mark: int) -> list[str]:
-        return self.messages[mark:]
+Body = Callable[[], Awaitable[None]]
 
 
 class Demo:
     """The running story. :meth:`run` executes every step in order inside the caller's ``AsyncExitStack``."""
 
-    def __init__(self, home: Path, narrator: Narrator, hub_messages: HubMessages) -> None:
+    def __init__(self, home: Path, narrator: Narrator) -> None:
         self.home = home
         self.say = narrator
-        self.hub_messages = hub_messages
-        self.secret = ""
+        self.stage = Stage(home)
+        self.runtime: Runtime | None = None
         self._stack: AsyncExitStack | None = None
-        self._pki: DemoPki | None = None
-        self._onprem: OnPremServer | None = None
-        self._hub: Hub | None = None
-        self._connector: ConnectorState | None = None
 
-    # -- the run ------------------------------------------------------------------------------------------------
-
-    def steps(self) -> list[tuple[str, str, Callable[[], Awaitable[None]]]]:
+    def steps(self) -> list[tuple[str, str, Body]]:
         return [
             (
-                'Start the "on-premise" mail server',
-                "A tiny IMAP-like server stands in for the mail server inside the private network: a plain port "
-                "and an implicit-TLS twin whose certificate comes from a demo CA. Both are greeted directly here.",
-                self._start_onprem,
+                "Set the stage: a lab mail server, a cloud hub and a connector",
+                "The lab server stands in for the mail server inside the private network: IMAP, POP3 and SMTP, each "
+                "with a STARTTLS and an implicit-TLS port, certificates from a lab root CA through an intermediate. "
+                "The hub gets a CA, a subaccount and a one-time enrollment token; the connector redeems it for a "
+                "client certificate and dials out (mutual TLS, HTTP/2). Nothing reaches the lab but the connector.",
+                self._set_stage,
             ),
             (
-                "Start the cloud hub and enroll a connector",
-                "The hub gets a CA and a server certificate, a subaccount 'demo' and a one-time enrollment token "
-                "for location 'dc1'. The connector (its own home folder) redeems the token for a client "
-                "certificate, then dials out to the hub: mutual TLS 1.3, HTTP/2 with the roles reversed.",
-                self._start_hub_and_connector,
-            ),
-            (
-                "Map the virtual hosts and check availability",
-                "Cloud applications only ever see virtual hosts. 143 is mapped as 'tcp' (bytes pass through); "
-                "993 as 'tcp-tls': the connector opens TLS to the internal server and verifies it against its "
-                "backend trust store. The hub then asks the connector, through the tunnel, to check both.",
+                "Map the lab server and check availability",
+                "Cloud applications only see virtual hosts. 143 is mapped as 'tcp' to the STARTTLS port (TLS runs end "
+                "to end), 993 as 'tcp-tls' to the implicit-TLS port (the connector does the TLS, verified against its "
+                "own trust store), 587 as 'tcp' to SMTP submission. The hub asks the connector to check each one.",
                 self._map_and_check,
             ),
             (
-                "Act as a cloud application: connect through the tunnel",
-                "A SOCKS5 client (python-socks, user 'demo/dc1', remote DNS) asks the hub for each virtual host; "
-                "the hub forwards the CONNECT through the tunnel and the server's greeting comes back first.",
-                self._connect_through_tunnel,
+                "Run the connection test, as a cloud application would",
+                "'postbridge test imap' through the hub's SOCKS5 proxy: first with STARTTLS against a keystore that "
+                "does not know the lab CA yet, then again after adding the lab root and intermediate, then with "
+                "protection 'off' over the tcp-tls mapping.",
+                self._connection_tests,
+            ),
+            (
+                "Send mail through the tunnel and poll it back with a flow",
+                f"{cases.MAIL_COUNT} mails go over SMTP (STARTTLS, login) through the tunnel to {READER}; a "
+                f"flow (the flows file the runtime reads) polls {READER}'s INBOX through the tunnel into a folder, "
+                "and marks each message read and archives it only after it was stored.",
+                self._mail_and_flow,
             ),
             (
                 "Reproduce the classic errors",
-                "Each failure has its own SOCKS5 reply code, shown with the words Java and curl print for it and "
-                "with what the hub logged about it.",
+                "Three mistakes a cloud application's settings often hold, each run through the connection test: "
+                "what failed, what the hub and the connector were asked, and the fix.",
                 self._classic_errors,
             ),
         ]
@@ -132,7 +104,7 @@ class Demo:
         """Run every step; a step that raises stops the story (the rest is reported as skipped)."""
         self._stack = stack
         broken = ""
-        for number, (title, what, body) in enumerate(self.steps(), start=1):
+        for number, (title, what, body) in enumerate(self.steps()):
             if broken:
                 self.say.skip(number, title, broken)
                 continue
@@ -154,255 +126,215 @@ class Demo:
 
     @property
     def ready_to_serve(self) -> bool:
-        """True when the tunnel story worked (steps 1-4), so a user can try the proxy by hand."""
-        return len(self.say.outcomes) >= 4 and all(outcome.passed for outcome in self.say.outcomes[:4])
+        """True when the stage is up and the flow ran (steps 0-3), so a user can go on by hand."""
+        outcomes = self.say.outcomes
+        return len(outcomes) >= 4 and all(outcome.passed for outcome in outcomes[:4]) and self.runtime is not None
 
     @property
-    def socks_address(self) -> HostPort:
-        address = self.hub.socks_address
-        if address is None:
-            raise PostbridgeError("the hub's SOCKS5 listener is not open")
-        return address
+    def stack(self) -> AsyncExitStack:
+        if self._stack is None:
+            raise PostbridgeError("the demo is not running")
+        return self._stack
 
-    # -- step 1 -------------------------------------------------------------------------------------------------
+    # -- step 0 ---------------------------------------------------------------------------------------------------
 
-    async def _start_onprem(self) -> None:
-        self._pki = made = make_demo_pki(self.home / "onprem")
+    async def _set_stage(self) -> None:
+        stage = self.stage
+        lab = await stage.start_lab(self.stack)
+        table = Table("protocol", "security", "port", "protection that fits")
+        for endpoint in lab.endpoints():
+            table.add_row(endpoint.protocol, endpoint.security, f"{lab.host}:{endpoint.port}", endpoint.protection)
+        self.say.passed(f"lab mail server '{lab.server_name}' up in {lab.startup_seconds * 1000:.0f} ms:")
+        self.say.show(table)
+        self.say.info(f"users {', '.join(f'{u.name}/{u.password}' for u in lab.users)}; certificates in {lab.folder}")
+        hub = await stage.start_hub(self.stack)
+        self.say.passed(f"hub running: tunnel {hub.tunnel_address}, SOCKS5 {hub.socks_address}, API {hub.api_address}")
+        self.say.passed(f"subaccount '{SUBACCOUNT}' created; its binding for cloud applications: {stage.binding_path}")
+        enrolled = await stage.start_connector(self.stack)
         self.say.passed(
-            f"demo CA (SHA-256 {made.ca_fingerprint[:23]}…) issued a certificate for {SERVER_NAME}, {LOOPBACK}"
+            f"connector '{enrolled.connector_id}' enrolled for {SUBACCOUNT}/{LOCATION} with a one-time token in "
+            f"{enrolled.seconds * 1000:.0f} ms; the hub lists it {enrolled.listed_after * 1000:.0f} ms after it started"
         )
-        self._onprem = server = OnPremServer(server_context(made))
-        await server.start(self.stack)
-        for label, address, tls in (("plain", server.plain, False), ("TLS  ", server.tls, True)):
-            assert address is not None
-            started = time.monotonic()
-            greeting, _ = await greet_directly(address, made if tls else None, SERVER_NAME, CONNECT_TIMEOUT)
-            took = _ms(started)
-            self.say.expect(
-                greeting == GREETING,
-                f"{label} {address} greets ({took}): {greeting}",
-                f"{label} {address} greeted {greeting!r} instead of {GREETING!r}",
-            )
+        names = stage.add_lab_credentials()
+        self.say.passed(f"credential store of the cloud side holds {', '.join(names)} (encrypted at rest)")
 
-    # -- step 2 -------------------------------------------------------------------------------------------------
-
-    async def _start_hub_and_connector(self) -> None:
-        state = HubState(private_dir(self.home / "hub"))
-        created = state.init(["localhost", LOOPBACK])
-        self.say.passed(f"hub initialised in {state.dir} (CA SHA-256 {created['ca_fingerprint'][:23]}…)")
-        client_id, self.secret = state.add_subaccount(SUBACCOUNT)
-        self.say.passed(
-            f"subaccount '{SUBACCOUNT}' created (client id '{client_id}'; the secret goes to the cloud app)"
-        )
-        hub = Hub(state, HubConfig(tunnel_listen=HostPort(LOOPBACK, 0), socks_listen=HostPort(LOOPBACK, 0)))
-        await hub.start(self.stack)
-        self._hub = hub
-        self.say.passed(f"hub running in this process: tunnel {hub.tunnel_address}, SOCKS5 {hub.socks_address}")
-        token = state.create_enrollment(SUBACCOUNT, LOCATION, ENROLL_TTL)
-        self.say.passed(
-            f"one-time enrollment token for {SUBACCOUNT}/{LOCATION}, valid {ENROLL_TTL / 60:g} minutes, pins the hub CA"
-        )
-        assert hub.tunnel_address is not None
-        self._connector = connector_state = ConnectorState(private_dir(self.home / "connector"))
-        started = time.monotonic()
-        identity = await enroll(connector_state, hub.tunnel_address, token.encode(), timeout=CONNECT_TIMEOUT)
-        self.say.passed(
-            f"connector enrolled in {_ms(started)} as '{identity.connector_id}' "
-            f"(certificate bound to {identity.subaccount}/{identity.location}, home {connector_state.dir})"
-        )
-        connector = Connector(connector_state, ConnectorConfig(backoff_cap=1.0, connect_timeout=CONNECT_TIMEOUT))
-        stop = asyncio.Event()
-        started = time.monotonic()
-        task = asyncio.create_task(connector.run(stop), name="demo connector")
-        self.stack.push_async_callback(stop_task, stop, task)
-        deadline = started + LISTED_TIMEOUT
-        while not self._listed(identity.connector_id) and time.monotonic() < deadline and not task.done():
-            await asyncio.sleep(0.02)
-        self.say.expect(
-            self._listed(identity.connector_id),
-            f"connector started; the hub's registry lists it at {SUBACCOUNT}/{LOCATION} after {_ms(started)}",
-            f"the hub's registry does not list connector '{identity.connector_id}' after {_ms(started)} (see the log)",
-        )
-
-    def _listed(self, connector_id: str) -> bool:
-        return any(e.identity.connector_id == connector_id for e in self.hub.registry.at(SUBACCOUNT, LOCATION))
-
-    # -- step 3 -------------------------------------------------------------------------------------------------
+    # -- step 1 ---------------------------------------------------------------------------------------------------
 
     async def _map_and_check(self) -> None:
-        connector, onprem, made = self.connector_state, self.onprem, self.pki
-        assert onprem.plain is not None and onprem.tls is not None
-        for entry in connector.truststore.add(made.ca_pem, alias="demo-ca", source=str(made.ca_path)):
-            connector.audit.config_change(
-                action="truststore-add", detail={"alias": entry.alias, "fingerprint": entry.info.fingerprint}
-            )
-            self.say.passed(f"connector's backend trust store now trusts '{entry.info.subject}' as '{entry.alias}'")
-        mappings = (
-            Mapping(IMAP, onprem.plain, Protocol.TCP, description="IMAP; STARTTLS would run end to end"),
-            Mapping(
-                IMAPS, onprem.tls, Protocol.TCP_TLS, tls_server_name=SERVER_NAME, description="IMAPS; TLS by connector"
+        stage, lab = self.stage, self.stage.lab
+        state = stage.connector_state
+        for entry in connector_service.add_trusted(
+            state, lab.root_pem.read_bytes(), alias="lab-root", source=str(lab.root_pem), actor=ACTOR
+        ):
+            self.say.passed(f"connector's backend trust store trusts '{entry.info.subject}' (for tcp-tls)")
+        ports = lab.ports
+        mappings = [
+            connector_service.add_mapping(
+                state, IMAP, HostPort(LOOPBACK, ports.imap), description="IMAP, STARTTLS end to end", actor=ACTOR
             ),
-        )
+            connector_service.add_mapping(
+                state,
+                IMAPS,
+                HostPort(LOOPBACK, ports.imaps),
+                protocol="tcp-tls",
+                tls_server_name=SERVER_NAME,
+                description="IMAPS, TLS by the connector",
+                actor=ACTOR,
+            ),
+            connector_service.add_mapping(
+                state, SUBMISSION, HostPort(LOOPBACK, ports.submission), description="SMTP submission", actor=ACTOR
+            ),
+        ]
+        self.say.show(_mapping_table(connector_service.list_mappings(state)))
         for mapping in mappings:
-            connector.mappings.add(mapping)
-            connector.audit.config_change(action="mapping-add", detail=mapping.to_json())
-        table = Table("virtual", "internal", "protocol", "TLS server name", "description")
-        for mapping in sorted(connector.mappings.load().values(), key=lambda m: m.virtual):
-            table.add_row(
-                str(mapping.virtual),
-                str(mapping.internal),
-                mapping.protocol.value,
-                mapping.tls_server_name or "",
-                mapping.description,
-            )
-        self.say.show(table)
-        entries = self.hub.registry.at(SUBACCOUNT, LOCATION)
+            await self._check_through_hub(mapping)
+
+    async def _check_through_hub(self, mapping: Mapping) -> None:
+        entries = self.stage.hub.registry.at(SUBACCOUNT, LOCATION)
         if not entries:
             raise PostbridgeError(f"no connector is connected at {SUBACCOUNT}/{LOCATION} any more (see the log)")
-        for mapping in mappings:
-            body = json.dumps({"virtual": str(mapping.virtual)}).encode()
-            answer = await entries[0].session.control("POST", "/v1/check", body, timeout=STEP_TIMEOUT / 2)
-            result = json.loads(answer.body or b"{}")
-            summary = str(result.get("summary") or result.get("error") or f"HTTP {answer.status}")
-            tls_ok = mapping.protocol is Protocol.TCP or bool(result.get("tls_version"))
-            self.say.expect(
-                answer.status == 200
-                and bool(result.get("reachable"))
-                and result.get("protocol_seen") == "IMAP"
-                and tls_ok,
-                f"availability check {mapping.virtual}: {summary}",
-                f"availability check {mapping.virtual}: {summary} {result.get('hint') or ''}".rstrip(),
-            )
+        body = json.dumps({"virtual": str(mapping.virtual)}).encode()
+        answer = await entries[0].session.control("POST", "/v1/check", body, timeout=CHECK_TIMEOUT)
+        result = json.loads(answer.body or b"{}")
+        summary = str(result.get("summary") or result.get("error") or f"HTTP {answer.status}")
+        tls_ok = mapping.protocol.value == "tcp" or bool(result.get("tls_version"))
+        self.say.expect(
+            answer.status == 200 and bool(result.get("reachable")) and bool(result.get("protocol_seen")) and tls_ok,
+            f"availability check {mapping.virtual}: {summary}",
+            f"availability check {mapping.virtual}: {summary} {result.get('hint') or ''}".rstrip(),
+        )
 
-    # -- step 4 -------------------------------------------------------------------------------------------------
+    # -- step 2 ---------------------------------------------------------------------------------------------------
 
-    async def _connect_through_tunnel(self) -> None:
-        user = f"{SUBACCOUNT}/{LOCATION}"
-        self.say.info(f'Proxy.from_url("socks5://{quote(user, safe="")}:SECRET@{self.socks_address}", rdns=True)')
-        for target, protocol in ((IMAP, Protocol.TCP), (IMAPS, Protocol.TCP_TLS)):
-            started = time.monotonic()
-            reader, writer = await self._socks_open(user, self.secret, target)
-            greeting, goodbye = await converse(reader, writer, CONNECT_TIMEOUT)
-            took = _ms(started)
-            self.say.expect(
-                greeting == GREETING,
-                f"{target} ({protocol.value}) through the tunnel: {greeting}",
-                f"{target} ({protocol.value}) through the tunnel: got {greeting!r}, expected {GREETING!r}",
-            )
-            self.say.info(f"  then 'a LOGOUT' -> '{goodbye}' ({took} for SOCKS5, tunnel, greeting and goodbye)")
+    async def _connection_tests(self) -> None:
+        stage, lab = self.stage, self.stage.lab
+        settings = stage.channel(IMAP, Protection.STARTTLS_MANDATORY, credential=READER)
+        first = await self._test(settings)
+        self.say.expect(
+            not first.ok and first.chain is not None and not first.chain.trusted,
+            "STARTTLS refused the lab certificate: the keystore does not know the lab CA yet (as it should be)",
+            "the first test should fail on the unknown lab CA, but it did not",
+        )
+        self.say.info("The lab's administrator hands over its CA certificates; compare the fingerprints, then trust:")
+        sent = {cert.info.fingerprint for cert in first.chain.certificates} if first.chain else set()
+        for path, alias in ((lab.root_pem, "lab-root"), (lab.intermediate_pem, "lab-intermediate")):
+            info = describe(load_certificates(path.read_bytes(), source=str(path))[0])
+            where = "sent by the server too" if info.fingerprint in sent else "not sent by the server"
+            self.say.info(f"  {alias}: {info.subject}, SHA-256 {info.fingerprint} ({where})")
+            for added in stage.cloud_service.keystore_add(path.read_bytes(), alias=alias, source=str(path)):
+                self.say.passed(f"keystore: added '{added.alias}' (postbridge keystore add {path.name})")
+        second = await self._test(settings, list_folders=True)
+        self.say.expect(
+            second.ok and second.chain is not None and second.chain.trusted,
+            "the same test passes: STARTTLS, the chain up to 'lab-root', login, folders",
+            f"the test still fails after trusting the lab CA: {_failure(second)}",
+        )
+        off = await self._test(stage.channel(IMAPS, Protection.OFF, credential=READER))
+        self.say.expect(
+            off.ok,
+            f"protection 'off' over the tcp-tls mapping {IMAPS} passes: the connector did the TLS to the lab server",
+            f"protection 'off' over the tcp-tls mapping failed: {_failure(off)}",
+        )
 
-    async def _socks_open(
-        self, username: str, secret: str, target: HostPort
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """A connection to ``target`` through the hub's SOCKS5 proxy. Raises python-socks' ProxyError family."""
-        url = f"socks5://{quote(username, safe='')}:{quote(secret, safe='')}@{self.socks_address}"
-        proxy = Proxy.from_url(url, rdns=True)
-        sock = await proxy.connect(dest_host=target.host, dest_port=target.port, timeout=CONNECT_TIMEOUT)
-        try:
-            return await asyncio.open_connection(sock=sock)
-        except BaseException:
-            sock.close()
-            raise
+    async def _test(self, settings: ChannelSettings, *, list_folders: bool = False) -> ProbeReport:
+        report = await asyncio.to_thread(run_probe, "imap", settings, check_auth=True, list_folders=list_folders)
+        render(report, self.say.console)
+        return report
 
-    # -- step 5 -------------------------------------------------------------------------------------------------
+    # -- step 3 ---------------------------------------------------------------------------------------------------
+
+    async def _mail_and_flow(self) -> None:
+        stage = self.stage
+        mails = mailflow.demo_mails()
+        started = time.monotonic()
+        sent = await asyncio.to_thread(mailflow.send_through_tunnel, stage, mails)
+        self.say.passed(
+            f"sent {len(sent)} mails to {READER} through {SUBMISSION} in one SMTP session "
+            f"({(time.monotonic() - started) * 1000:.0f} ms, STARTTLS end to end, logged in as {cases.SENDER})"
+        )
+        path = mailflow.write_flows(stage)
+        config = await asyncio.to_thread(read_flows, stage.cloud_home, path, resolve_secrets=True)
+        self.say.passed(f"flows file {path}: flow '{mailflow.FLOW}' (IMAP {IMAP} -> folder {mailflow.TARGET_FOLDER})")
+        runtime = self.runtime = self.stack.enter_context(opened_runtime(stage.cloud_home, config, worker="demo"))
+        started = time.monotonic()
+        results = await asyncio.to_thread(mailflow.drain_once, runtime)
+        took = (time.monotonic() - started) * 1000
+        error = results.get(mailflow.FLOW, "the flow did not run")
+        self.say.expect(not error, f"the flow polled once and drained in {took:.0f} ms", f"the flow failed: {error}")
+        stored = {mail.message_id: mail for mail in mailflow.stored_mails(stage)}
+        table = Table("file in " + str(stage.cloud_home / mailflow.TARGET_FOLDER), "subject", "bytes")
+        for mail in sent:
+            found = stored.get(mail.message_id)
+            if found is not None:
+                table.add_row(found.file, found.subject, str(found.size))
+        self.say.show(table)
+        missing = [mail.subject for mail in sent if mail.message_id not in stored]
+        self.say.expect(
+            not missing,
+            f"all {len(sent)} mails are in the folder, each once, under its idempotency key",
+            f"not in the folder: {', '.join(missing)}",
+        )
+        records = stage.cloud_service.messages(flow=mailflow.FLOW)
+        done = [r for r in records if r.status is MessageStatus.POST_PROCESSED]
+        self.say.expect(
+            len(done) >= len(sent),
+            f"message log: {len(done)} post-processed (marked read, moved to '{mailflow.ARCHIVE}' after delivery)",
+            f"message log: {len(done)} of {len(sent)} post-processed: "
+            + "; ".join(f"{r.subject}: {r.status} {r.error}" for r in records),
+        )
+
+    # -- step 4 ---------------------------------------------------------------------------------------------------
 
     async def _classic_errors(self) -> None:
         nobody = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # bound, never listening: connecting is refused
         self.stack.callback(nobody.close)
         nobody.bind((LOOPBACK, 0))
         internal = HostPort(LOOPBACK, int(nobody.getsockname()[1]))
-        mapping = Mapping(DOWN, internal, Protocol.TCP, description="nothing listens there")
-        self.connector_state.mappings.add(mapping)
-        self.connector_state.audit.config_change(action="mapping-add", detail=mapping.to_json())
+        connector_service.add_mapping(
+            self.stage.connector_state, DOWN, internal, description="the old server, switched off", actor=ACTOR
+        )
         self.say.info(f"mapped {DOWN} -> {internal}, where nothing listens (for the host-is-down case)")
         for case in cases.ERROR_CASES:
             await self._error_case(case)
 
     async def _error_case(self, case: ErrorCase) -> None:
-        user = f"{SUBACCOUNT}/{case.location}" if case.location else SUBACCOUNT
-        secret = "not-the-secret" if case.wrong_secret else self.secret
-        shown = "a wrong secret" if case.wrong_secret else "the right secret"
         self.say.line("")
-        self.say.line(f"{case.title}: CONNECT {case.target} as '{user}' with {shown}", style="bold", indent=3)
-        mark = self.hub_messages.mark()
-        code: int | None
-        try:
-            _reader, writer = await self._socks_open(user, secret, case.target)
-        except ProxyError as exc:
-            code = exc.error_code
-        except (ProxyTimeoutError, ProxyConnectionError) as exc:
-            self.say.failed(f"no SOCKS5 reply: {exc}")
-            return
-        else:
-            code = 0x00
-            writer.close()
-            await _quietly_closed(writer)
-        expected = case.expected_reply
+        self.say.line(f"{case.title}: {case.target}, protection '{case.protection}'", style="bold", indent=3)
+        report = await self._test(self.stage.channel(case.target, case.protection, credential=READER))
+        step = report.failed
+        said = " ".join((step.cause, *step.evidence, step.fix)).lower() if step else ""
         self.say.expect(
-            code == expected,
-            f"reply 0x{expected:02x}: {REPLY_WORDS[expected]}",
-            f"reply {_reply_text(code)}, but expected 0x{expected:02x} ({REPLY_WORDS.get(expected, '?')})",
+            step is not None and case.cause.lower() in said and case.fix.lower() in said,
+            f"diagnosed: {case.explanation}",
+            f"expected a failure saying '{case.cause}' and '{case.fix}', got: {_failure(report)}",
         )
-        self.say.info(f"  why: {case.diagnosis}")
-        for message in self.hub_messages.since(mark):
-            self.say.info(f"  hub log: {message}")
-        if case.show_audit:
-            self._show_audit(case.target)
-
-    def _show_audit(self, target: HostPort) -> None:
-        audit = self.connector_state.audit
-        denied = [
-            r for r in audit.read(limit=100) if r.get("event") == "access-denied" and r.get("virtual") == str(target)
-        ]
-        if self.say.expect(
-            bool(denied),
-            f"connector's audit log ({audit.path}) holds the Access Denied record:",
-            f"connector's audit log ({audit.path}) holds no Access Denied record for {target}",
-        ):
-            self.say.info(f"  {json.dumps(denied[-1], sort_keys=True)}")
-
-    # -- state of earlier steps ---------------------------------------------------------------------------------
-
-    @property
-    def stack(self) -> AsyncExitStack:
-        return _need(self._stack, "the demo is not running")
-
-    @property
-    def pki(self) -> DemoPki:
-        return _need(self._pki, "the demo CA was not made (step 1 did not finish)")
-
-    @property
-    def onprem(self) -> OnPremServer:
-        return _need(self._onprem, "the on-premise server is not running (step 1 did not finish)")
-
-    @property
-    def hub(self) -> Hub:
-        return _need(self._hub, "the hub is not running (step 2 did not finish)")
-
-    @property
-    def connector_state(self) -> ConnectorState:
-        return _need(self._connector, "the connector is not enrolled (step 2 did not finish)")
+        if case.audited:
+            audit = self.stage.connector_state.audit
+            denied = [
+                record
+                for record in audit.read(limit=100)
+                if record.get("event") == "access-denied" and record.get("virtual") == str(case.target)
+            ]
+            if self.say.expect(
+                bool(denied),
+                f"the connector's audit log ({audit.path}) holds the Access Denied record:",
+                f"the connector's audit log ({audit.path}) holds no Access Denied record for {case.target}",
+            ):
+                self.say.info(f"  {json.dumps(denied[-1], sort_keys=True)}")
 
 
-def _need(value: T | None, why: str) -> T:
-    if value is None:
-        raise PostbridgeError(why)
-    return value
+def _mapping_table(mappings: list[Mapping]) -> Table:
+    table = Table("virtual host", "internal", "protocol", "TLS server name", "description")
+    for mapping in mappings:
+        table.add_row(
+            str(mapping.virtual), str(mapping.internal), mapping.protocol.value, mapping.tls_server_name or "",
+            mapping.description,
+        )  # fmt: skip
+    return table
 
 
-def _ms(started: float) -> str:
-    return f"{(time.monotonic() - started) * 1000:.0f} ms"
-
-
-def _reply_text(code: int | None) -> str:
-    if code is None:
-        return "none (the proxy closed the connection)"
-    return f"0x{code:02x} ({REPLY_WORDS.get(code, 'unknown')})"
-
-
-async def _quietly_closed(writer: asyncio.StreamWriter) -> None:
-    try:
-        async with asyncio.timeout(CLOSE_TIMEOUT):
-            await writer.wait_closed()
-    except (OSError, TimeoutError):
-        pass
+def _failure(report: ProbeReport) -> str:
+    step = report.failed
+    if step is None:
+        return "every step passed"
+    return f"{step.name}: {step.cause} (fix: {step.fix})"

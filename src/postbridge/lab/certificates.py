@@ -7,7 +7,7 @@ a company CA is usually set up), writing them as PEM files into the lab folder (
 certificate; only the CA pair is made here, because :func:`pki.create_ca` makes a CA that may sign end-entity
 certificates only (path length 0) and cannot have an intermediate below it.
 
-Must not: be used for anything but the lab (the CAs live 30 days and their keys are not kept), or write outside
+Must not: be used for anything but the lab (the CAs live 90 days and their keys are not kept), or write outside
 the folder it is given.
 """
 
@@ -27,7 +27,7 @@ from postbridge.errors import ConfigurationError
 from postbridge.home import atomic_write, private_dir
 from postbridge.trust import pki
 
-LIFETIME_DAYS = 30
+LIFETIME_DAYS = 90  # beyond the 30-day expiry warning, so a fresh lab shows no warning
 ROOT_NAME = "postbridge lab root CA"
 INTERMEDIATE_NAME = "postbridge lab intermediate CA"
 

@@ -29,13 +29,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from postbridge.addresses import HostPort
 from postbridge.errors import ConfigurationError, HomeError
 from postbridge.home import locked_update, read_json
 from postbridge.mail.probe import KINDS, ProbeReport, run_probe
 from postbridge.mail.settings import (
     AuthMethod,
     ChannelSettings,
-    Credentials,
     Protection,
     Proxy,
     channel_from_mapping,
@@ -45,10 +45,11 @@ from postbridge.mail.settings import (
 from postbridge.runtime.config import RuntimeConfig
 from postbridge.runtime.engine import flow_health_rows
 from postbridge.runtime.flows_file import load_flows
+from postbridge.runtime.launch import NamesOnly
 from postbridge.runtime.store import Attempt, MessageRecord, MessageStatus, RuntimeStore, open_store
 from postbridge.services import Conflict, InvalidInput, NotFound, TooLarge, invalid
 from postbridge.trust import pki
-from postbridge.trust.credentials import CredentialStore, OAuth2Entry, summary
+from postbridge.trust.credentials import CredentialStore, summary
 from postbridge.trust.server_chain import PresentedCertificate
 from postbridge.trust.truststore import TrustEntry, TrustStore
 
@@ -235,6 +236,21 @@ def admin_path(home: Path) -> Path:
     return home / "cloud" / "admin.json"
 
 
+def binding_document(state: HubState, subaccount: str, secret: str, socks: HostPort, api: HostPort) -> dict[str, Any]:
+    """The JSON binding a cloud application needs (what ``postbridge cloud binding`` prints): the SOCKS5 address,
+    the token URL, the client id and secret (a placeholder when ``secret`` is empty) and the hub's CA certificate.
+    Raises HomeError when the hub was never initialised."""
+    return {
+        "subaccount": subaccount,
+        "onpremise_proxy_host": socks.host,
+        "onpremise_socks5_proxy_port": socks.port,
+        "token_service_url": f"https://{api}/oauth/token",
+        "clientid": subaccount,
+        "clientsecret": secret or "<the secret printed by 'postbridge cloud subaccount add'>",
+        "ca_certificate": state.ca_pem().decode(),
+    }
+
+
 def anchor_candidates(report: ProbeReport) -> list[PresentedCertificate]:
     """What 'add to keystore' would trust after this test: the anchor the server sent when the chain failed only
     for want of a trusted CA; empty otherwise."""
@@ -256,17 +272,6 @@ def parse_since(text: str, now: float) -> float:
             f"since '{text}' is neither a duration nor a date", hint="e.g. 30m, 2h, 1d or 2026-11-29T10:00"
         ) from None
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
-
-
-class _NamesOnly:
-    """A credential resolver that checks a name exists and never fetches a token (to read a flows file)."""
-
-    def __init__(self, store: CredentialStore) -> None:
-        self.store = store
-
-    def resolve(self, name: str) -> Credentials:
-        entry = self.store.get(name)
-        return Credentials(entry.user, "(not fetched)", token=isinstance(entry, OAuth2Entry))
 
 
 class CloudService:
@@ -554,7 +559,7 @@ class CloudService:
                 "the cockpit shows no flows: the hub was started without a flows file",
                 hint="start it with 'postbridge cloud serve --flows FLOWS.toml'",
             )
-        return load_flows(self.flows_file, credentials=_NamesOnly(CredentialStore(self.home)))
+        return load_flows(self.flows_file, credentials=NamesOnly(CredentialStore(self.home)))
 
     def _store(self) -> RuntimeStore:
         return open_store(self.flows_config().state, home=self.home)
