@@ -33,6 +33,8 @@ def test_poll_saves_messages_and_post_processes_them(dovecot: Dovecot, test_pki:
     assert parsed["Subject"] == subject
     second = cli(home, *args, stdin="secret\n")
     assert subject not in second.stdout  # marked read after the first hand-over
+    title = " ".join(second.stdout.split())  # rich centres and wraps the title
+    assert "auth plain) INBOX" in title and "None" not in title  # the table names the folder polled
     assert "secret" not in first.stderr + second.stderr + second.stdout
 
 

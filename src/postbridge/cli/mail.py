@@ -215,7 +215,8 @@ def poll(
         finally:
             state.close()
         if not json_lines:
-            table = Table("UID", "size", "from", "subject", title=f"{channel.describe} {folder}")
+            where = f" {sender.folder}" if kind == "imap" else ""
+            table = Table("UID", "size", "from", "subject", title=f"{channel.describe}{where}")
             for row in rows:
                 table.add_row(str(row["uid"]), str(row["size"]), row["from"], row["subject"])
             console.print(table)
