@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from postbridge.addresses import HostPort
+from postbridge.tunnel import bridge as bridge_module
 from postbridge.tunnel import protocol as tp
 from postbridge.tunnel.bridge import StreamBridge
 from postbridge.tunnel.session import TunnelSession
@@ -131,3 +134,53 @@ async def test_any_failure_in_one_streams_handler_resets_that_stream_and_keeps_t
     assert good.stream_id in hub.sinks and good_local.written == b"* OK greeting\r\n"
     hub.close("test over")
     connector.close("test over")
+
+
+class _TlsTransport(_FakeTransport):
+    """A local TLS socket: it cannot half-close."""
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def write_eof(self) -> None:
+        raise AssertionError("a TLS transport cannot write EOF")
+
+
+async def test_a_draining_connector_ends_a_tls_stream_whose_client_left_without_waiting_for_the_linger(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(bridge_module, "NO_HALF_CLOSE_LINGER", 3600.0)  # only the drain can end it in time
+    backend = _TlsTransport()
+
+    class Handler:
+        def connect_requested(self, session: TunnelSession, event: tp.ConnectRequested) -> None:
+            bridge = StreamBridge()
+            bridge.bind(session, event.stream_id)
+            bridge.connection_made(backend)
+            session.accept(event.stream_id)
+            bridge.start()
+
+        def control_requested(self, session: TunnelSession, event: tp.ControlRequested) -> None:
+            raise AssertionError("not used")
+
+    hub = TunnelSession(tp.Role.HUB, peer="connector")
+    connector = TunnelSession(tp.Role.CONNECTOR, peer="hub", handler=Handler())
+    to_connector, to_hub = _Pipe(), _Pipe()
+    to_connector.peer, to_hub.peer = connector, hub
+    connector.connection_made(to_hub)
+    hub.connection_made(to_connector)
+    client = StreamBridge()
+    client.connection_made(_FakeTransport())
+    stream_id = hub.open_stream(HostPort("mail.corp.example", 993), "trace", client)
+    client.session, client.stream_id = hub, stream_id
+    for _ in range(50):
+        await asyncio.sleep(0)
+    hub.end_stream(stream_id)  # the cloud client's FIN
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert connector.sinks and not backend.closed  # lingering: the server may still answer
+
+    await asyncio.wait_for(connector.shutdown("connector is shutting down", grace=3600), timeout=10)
+
+    assert backend.closed and not backend.aborted  # closed cleanly (close_notify), not reset
+    hub.close("test over")

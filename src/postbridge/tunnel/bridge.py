@@ -8,8 +8,9 @@ So memory per stream stays bounded by the stream window plus the transport's hig
 
 Half-close: a local EOF becomes END_STREAM; END_STREAM from the peer becomes ``write_eof()`` where the transport
 supports it (plain TCP). A TLS transport cannot half-close: the local server then has :data:`NO_HALF_CLOSE_LINGER`
-seconds to answer and close, after which the bridge ends its direction too and closes the TLS connection
-(close_notify). The stream is finished when both directions ended; a local close before that resets it.
+seconds to answer and close (less when the session shuts down), after which the bridge ends its direction too and
+closes the TLS connection (close_notify). The stream is finished when both directions ended; a local close before
+that resets it.
 
 This module must not know about SOCKS, mappings or TLS configuration. Subclasses add a set-up phase (the SOCKS
 handshake on the hub) by overriding :meth:`data_received` until :meth:`start` is called.
@@ -153,6 +154,12 @@ class StreamBridge(asyncio.Protocol):
             self.finish(reset=False)
         elif self.started:
             self._pass_on_eof()
+
+    def tunnel_draining(self) -> None:
+        """The session shuts down: a stream whose peer ended and that only lingers for the local TLS side ends now."""
+        if self._linger is not None:
+            self._linger.cancel()
+            self._end_local_side()
 
     def _pass_on_eof(self) -> None:
         """The peer's END_STREAM to the local side: a FIN, or (TLS) a close after the linger."""

@@ -37,6 +37,7 @@ class StreamSink(Protocol):
     def tunnel_eof(self) -> None: ...
     def tunnel_reset(self, error_code: int) -> None: ...
     def tunnel_window(self) -> None: ...
+    def tunnel_draining(self) -> None: ...
 
 
 class SessionHandler(Protocol):
@@ -237,6 +238,8 @@ class TunnelSession(asyncio.Protocol):
         if self.role is tp.Role.CONNECTOR:
             self.drain()
         self.draining = True
+        for sink in list(self.sinks.values()):
+            sink.tunnel_draining()  # a stream that only waits for its local side to close may end now
         deadline = time.monotonic() + grace
         while self.sinks and self.is_open and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
