@@ -292,6 +292,35 @@ def test_fingerprints_are_printed_as_text_not_as_emoji_codes() -> None:
     assert "50:CD:D6:67" in captured.get()
 
 
+@pytest.mark.parametrize("width", [80, 120])
+def test_the_chain_table_fits_the_terminal_and_keeps_every_verdict(width: int) -> None:
+    import io
+    from datetime import UTC, datetime
+
+    from rich.console import Console
+
+    from postbridge.cli.probe import render_chain
+    from postbridge.trust.pki import CertificateInfo
+    from postbridge.trust.server_chain import ChainReport, PresentedCertificate
+
+    now = datetime.now(UTC)
+    sans = ["DNS:mail.corp.example", "DNS:localhost", "IP:127.0.0.1", "IP:::1"]
+    fingerprint = ":".join(["AB"] * 32)
+    leaf = CertificateInfo(
+        "CN=mail.corp.example", "O=postbridge lab,CN=postbridge lab intermediate CA", "01", now,
+        now.replace(year=now.year + 1), sans, fingerprint, False, False,
+    )  # fmt: skip
+    why = "its issuer 'O=postbridge lab,CN=postbridge lab root CA' was not sent and is not in the keystore"
+    cert = PresentedCertificate("intermediate", leaf, "sent by the server, keystore 'lab-intermediate'", True, False,
+                                why, "")  # fmt: skip
+    out = io.StringIO()
+    render_chain(ChainReport((cert,), "", "", ""), Console(file=out, width=width))
+    output = out.getvalue()
+    assert max(len(line) for line in output.splitlines()) <= width  # nothing cropped at the edge
+    for words in ("✗", "issuer", "keystore", "AB:AB:AB", f"{leaf.not_after:%Y-%m-%d}", "lab-intermediate"):
+        assert words in output, (words, output)
+
+
 # -- time-outs at each step, and a login that cannot work -----------------------------------------------------------
 
 

@@ -22,6 +22,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from postbridge.cli.certs_view import expiry_warning, short_fingerprint, short_sans
 from postbridge.cli.common import console, ctx_obj, print_json, run_command, setup_logging
@@ -48,41 +49,51 @@ _SUMMARIES = {
 }
 
 
+WIDE_TABLE = 110  # columns from which the chain table shows validity and fingerprint in columns of their own
+
+
 def render(report: ProbeReport, out: Console | None = None) -> None:
     """One line per step: ✓/⚠/✗, name, timing, detail; cause, evidence and fix under the failing step; the chain.
     Printed on ``out`` (default: the CLI's console)."""
     out = out or console
-    out.print(f"[bold]postbridge test {report.kind}[/] {escape(report.target)}", highlight=False)
+    out.print(f"[bold]postbridge test {report.kind}[/] {escape(report.target)}", highlight=False, emoji=False)
     width = max((len(step.name) for step in report.steps), default=0)
     for step in report.steps:
         mark = "[red]✗[/]" if not step.ok else "[yellow]⚠[/]" if step.warning else "[green]✓[/]"
         timing = f"{step.elapsed_ms:8.1f} ms"
-        out.print(f" {mark} {step.name:<{width}} {timing}  {escape(step.detail)}", highlight=False)
+        out.print(f" {mark} {step.name:<{width}} {timing}  {escape(step.detail)}", highlight=False, emoji=False)
         if step.warning:
-            out.print(f"     [yellow]warning:[/] {escape(step.warning)}", highlight=False)
+            out.print(f"     [yellow]warning:[/] {escape(step.warning)}", highlight=False, emoji=False)
         if not step.ok:
-            out.print(f"     [red]cause:[/] {escape(step.cause)}", highlight=False)
+            out.print(f"     [red]cause:[/] {escape(step.cause)}", highlight=False, emoji=False)
         for line in step.evidence:
-            out.print(f"     [cyan]seen:[/]  {escape(line)}", highlight=False)
+            out.print(f"     [cyan]seen:[/]  {escape(line)}", highlight=False, emoji=False)
         if not step.ok and step.fix:
-            out.print(f"     [yellow]fix:[/]   {escape(step.fix)}", highlight=False)
+            out.print(f"     [yellow]fix:[/]   {escape(step.fix)}", highlight=False, emoji=False)
     if report.chain is not None:
         render_chain(report.chain, out)
     if report.ok:
-        out.print(f"[green]all {len(report.steps)} steps passed[/]", highlight=False)
+        out.print(f"[green]all {len(report.steps)} steps passed[/]", highlight=False, emoji=False)
     else:
-        out.print("[red]the test failed[/]", highlight=False)
+        out.print("[red]the test failed[/]", highlight=False, emoji=False)
 
 
 def render_chain(chain: ChainReport, out: Console | None = None) -> None:
-    """The certificate chain as a table, server certificate first, on ``out`` (default: the CLI's console)."""
+    """The certificate chain as a table, server certificate first, on ``out`` (default: the CLI's console).
+
+    Below :data:`WIDE_TABLE` columns the validity and the fingerprint move into the certificate's cell, so the
+    verdict keeps its column on an 80-column terminal.
+    """
     out = out or console
     now = datetime.now(UTC)
+    wide = out.width >= WIDE_TABLE
+    columns = ("#", "role", "certificate", "valid until", "SHA-256", "trusted") if wide else ("#", "role",
+               "certificate", "trusted")  # fmt: skip
     table = Table(title="certificate chain (server certificate first)", title_justify="left")
-    for column in ("#", "role", "certificate", "valid until", "SHA-256", "trusted"):
-        wide = column in ("certificate", "trusted")  # the subject and the verdict get the room a table leaves
+    for column in columns:
+        roomy = column in ("certificate", "trusted")  # the subject and the verdict get the room a table leaves
         table.add_column(
-            column, overflow="fold", no_wrap=column in ("#", "role", "SHA-256"), min_width=18 if wide else None
+            column, overflow="fold", no_wrap=column in ("#", "role", "SHA-256"), min_width=18 if roomy else None
         )
     for number, cert in enumerate(chain.certificates, start=1):
         info = cert.info
@@ -95,7 +106,12 @@ def render_chain(chain: ChainReport, out: Console | None = None) -> None:
             described += f"\n[dim]names[/] {escape(short_sans(info.sans, 4))}"
         described += f"\n[dim]from[/] {escape(cert.source)}"
         verdict = ("[green]✓[/] " if cert.trusted else "[red]✗[/] ") + escape(cert.why)
-        table.add_row(str(number), cert.role, described, until, short_fingerprint(info.fingerprint), verdict)
+        fingerprint = short_fingerprint(info.fingerprint)
+        if not wide:
+            described += f"\n[dim]valid until[/] {until}\n[dim]SHA-256[/] {fingerprint}"
+        cells = [described, until, fingerprint, verdict] if wide else [described, verdict]
+        # markup without emoji codes: a fingerprint's ":AB:" must not become an emoji on any console
+        table.add_row(str(number), cert.role, *(Text.from_markup(cell, emoji=False) for cell in cells))
     out.print(table)
 
 

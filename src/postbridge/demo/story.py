@@ -324,7 +324,11 @@ class Demo:
 
 
 def _mapping_table(mappings: list[Mapping]) -> Table:
-    table = Table("virtual host", "internal", "protocol", "TLS server name", "description")
+    table = Table()
+    for column in ("virtual host", "internal", "protocol"):  # the addresses stay whole; the rest folds
+        table.add_column(column, no_wrap=True)
+    table.add_column("TLS server name", overflow="fold")
+    table.add_column("description", overflow="fold")
     for mapping in mappings:
         table.add_row(
             str(mapping.virtual), str(mapping.internal), mapping.protocol.value, mapping.tls_server_name or "",
