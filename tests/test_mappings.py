@@ -137,6 +137,19 @@ def test_add_load_remove(store: MappingStore) -> None:
     assert store.load() == {smtp.virtual: smtp}
 
 
+def test_replace_keeps_the_others_and_refuses_an_unknown_address(store: MappingStore) -> None:
+    imap = make("mail.corp:143", "10.1.2.3:143")
+    smtp = make("smtp.corp:25", "10.1.2.4:25")
+    store.add(imap)
+    store.add(smtp)
+    moved = make("MAIL.CORP:143", "10.9.9.9:143")
+    assert store.replace(moved) == imap
+    assert MappingStore(store.path).load() == {imap.virtual: moved, smtp.virtual: smtp}
+    with pytest.raises(ConfigurationError, match=r"no mapping for virtual address pop.corp:110 \(existing: mail"):
+        store.replace(make("pop.corp:110", "10.1.2.5:110"))
+    assert store.load() == {imap.virtual: moved, smtp.virtual: smtp}
+
+
 def test_file_is_private_and_readable_json(store: MappingStore) -> None:
     store.add(make())
     assert (store.path.stat().st_mode & 0o777) == 0o600

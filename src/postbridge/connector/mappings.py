@@ -206,6 +206,19 @@ class MappingStore:
         mappings[mapping.virtual] = mapping
         self._save(mappings)
 
+    def replace(self, mapping: Mapping) -> Mapping:
+        """Put ``mapping`` in place of the one with its virtual address and return the old one.
+
+        Raises ConfigurationError listing the existing virtual addresses when that address is not mapped.
+        """
+        mappings = self.load()
+        old = mappings.get(mapping.virtual)
+        if old is None:
+            raise self._not_mapped(mapping.virtual, mappings)
+        mappings[mapping.virtual] = mapping
+        self._save(mappings)
+        return old
+
     def remove(self, virtual: HostPort) -> Mapping:
         """Remove and return the mapping of ``virtual``.
 
@@ -215,13 +228,17 @@ class MappingStore:
         mappings = self.load()
         removed = mappings.pop(key, None)
         if removed is None:
-            existing = ", ".join(str(address) for address in sorted(mappings)) or "none"
-            raise ConfigurationError(
-                f"no mapping for virtual address {key} (existing: {existing})",
-                hint="list them with 'postbridge connector mapping list'",
-            )
+            raise self._not_mapped(key, mappings)
         self._save(mappings)
         return removed
+
+    @staticmethod
+    def _not_mapped(key: HostPort, mappings: dict[HostPort, Mapping]) -> ConfigurationError:
+        existing = ", ".join(str(address) for address in sorted(mappings)) or "none"
+        return ConfigurationError(
+            f"no mapping for virtual address {key} (existing: {existing})",
+            hint="list them with 'postbridge connector mapping list'",
+        )
 
     def version(self) -> tuple[int, int]:
         """``(st_mtime_ns, st_size)`` of the file, ``(0, 0)`` when it is missing: changes with the file."""

@@ -36,13 +36,13 @@ from typing import Any
 
 from postbridge import __version__
 from postbridge.addresses import HostPort, parse_host_port
-from postbridge.cli.certs_view import days_left, entry_json, expiry_warning
 from postbridge.connector.agent import RENEW_BELOW, Connector
 from postbridge.connector.check import CheckResult, check_mapping
 from postbridge.connector.mappings import Mapping, normalize_virtual, parse_protocol
 from postbridge.connector.state import ConnectorState
 from postbridge.errors import ConfigurationError, PostbridgeError
 from postbridge.services import Conflict, InvalidInput, NotFound, TooLarge, invalid
+from postbridge.trust.listing import days_left, entry_json, expiry_warning
 from postbridge.trust.pki import describe, remaining_lifetime_fraction
 from postbridge.trust.truststore import TrustEntry, validate_alias
 from postbridge.web.auth import AdminStore
@@ -139,7 +139,7 @@ def update_mapping(
         if after == before:
             return before
         mappings[key] = after
-        state.mappings._save(mappings)  # the store's own writer (atomic): MappingStore has no public replace
+        state.mappings.replace(after)
         state.audit.config_change(
             action=action,
             detail={"virtual": str(key), "before": before.to_json(), "after": after.to_json()},
