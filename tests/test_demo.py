@@ -137,8 +137,13 @@ def test_demo_keeps_running_with_the_web_uis_and_the_flow_until_ctrl_c(tmp_path:
             assert client.post("/api/v1/login", json={"password": ui.group(2)}).status_code == 200
             assert "mail.corp.example:993" in client.get("/mappings").text
         verify = ssl.create_default_context(cafile=ca.group(1))
-        with httpx.Client(verify=verify) as client:  # the cockpit: its certificate verifies against the hub CA
-            assert client.get(cockpit.group(1), follow_redirects=True).status_code == 200
+        base = cockpit.group(1).removesuffix("/cockpit/")
+        with httpx.Client(base_url=base, verify=verify) as client:  # the cockpit's certificate verifies (hub CA)
+            assert client.get("/cockpit/", follow_redirects=True).status_code == 200
+            assert client.post("/api/v1/login", json={"password": cockpit.group(2)}).status_code == 200
+            [flow] = client.get("/api/v1/cockpit/flows").json()  # it shows the demo's flows file and its health
+            assert flow["name"] == "alice-inbox" and flow["status"] == "healthy", flow
+            assert flow["counts"]["post-processed"] == 3, flow
 
         send = next(line.strip() for line in lines if " mail send " in line)
         sent = subprocess.run(send, shell=True, capture_output=True, text=True, timeout=60, env=ENV)
