@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from postbridge.addresses import HostPort, parse_host_port
+from postbridge.connector.mappings import normalize_virtual
 from postbridge.errors import ConfigurationError
 
 
@@ -52,3 +54,13 @@ class TooLarge(ConfigurationError):
 def invalid(exc: ConfigurationError) -> InvalidInput:
     """The same message and hint as an :class:`InvalidInput` (for errors of the parsers: ``raise invalid(exc)``)."""
     return InvalidInput(exc.message, hint=exc.hint)
+
+
+def virtual_address(virtual: str | HostPort) -> HostPort:
+    """A virtual host:port as mappings key it (host lower-cased); raises InvalidInput quoting a bad one."""
+    if isinstance(virtual, HostPort):
+        return normalize_virtual(virtual)
+    try:
+        return normalize_virtual(parse_host_port(virtual, what="virtual host"))
+    except ConfigurationError as exc:
+        raise invalid(exc) from exc

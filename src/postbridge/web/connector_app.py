@@ -37,6 +37,7 @@ from postbridge.connector.agent import Connector
 from postbridge.connector.mappings import Mapping, Protocol
 from postbridge.errors import ConfigurationError, PostbridgeError
 from postbridge.services import connector as service
+from postbridge.services import connector_audit as audit_service
 from postbridge.web.auth import AdminStore, first_start
 from postbridge.web.pages import current_session, flash, http_status, install_common, redirect, render
 
@@ -405,16 +406,17 @@ def build_app(connector: Connector, *, admin: AdminStore | None = None) -> FastA
         request: Request, kind: str = "all", mapping: str = "", since: str = "", until: str = "", page: int = 1
     ) -> HTMLResponse:
         filters = {"kind": kind, "mapping": mapping, "since": since, "until": until}
-        context: dict[str, Any] = {"filters": filters, "kinds": service.AUDIT_KINDS, "page": None, "query": {}}
+        context: dict[str, Any] = {"filters": filters, "kinds": audit_service.AUDIT_KINDS, "page": None, "query": {}}
         try:
             mappings = [str(m.virtual) for m in service.list_mappings(state)]
         except PostbridgeError:
             mappings = []
         context["mappings"] = mappings
         try:
-            query = service.audit_query(kind, mapping, since, until)
+            query = audit_service.audit_query(kind, mapping, since, until)
             number = max(1, page)
-            result = service.audit_records(state, query, offset=(number - 1) * AUDIT_PAGE_SIZE, limit=AUDIT_PAGE_SIZE)
+            offset = (number - 1) * AUDIT_PAGE_SIZE
+            result = audit_service.audit_records(state, query, offset=offset, limit=AUDIT_PAGE_SIZE)
         except PostbridgeError as exc:
             return render(request, "connector/audit.html", context | {"error": exc}, status=http_status(exc))
         pages = max(1, -(-result.total // AUDIT_PAGE_SIZE))
@@ -425,7 +427,7 @@ def build_app(connector: Connector, *, admin: AdminStore | None = None) -> FastA
     def audit_csv_page(
         request: Request, kind: str = "all", mapping: str = "", since: str = "", until: str = ""
     ) -> Response:
-        return csv_response(service.audit_csv(state, service.audit_query(kind, mapping, since, until)))
+        return csv_response(audit_service.audit_csv(state, audit_service.audit_query(kind, mapping, since, until)))
 
     @app.get("/api/v1/audit", tags=["audit log"])
     def api_audit(
@@ -437,13 +439,13 @@ def build_app(connector: Connector, *, admin: AdminStore | None = None) -> FastA
         limit: int = AUDIT_PAGE_SIZE,
     ) -> dict[str, Any]:
         """Audit records, newest first, filtered; ``total`` counts every match."""
-        query = service.audit_query(kind, mapping, since, until)
-        return service.audit_records(state, query, offset=offset, limit=limit).to_json()
+        query = audit_service.audit_query(kind, mapping, since, until)
+        return audit_service.audit_records(state, query, offset=offset, limit=limit).to_json()
 
     @app.get("/api/v1/audit.csv", tags=["audit log"], response_class=Response)
     def api_audit_csv(kind: str = "all", mapping: str = "", since: str = "", until: str = "") -> Response:
         """The filtered audit log as CSV (newest first)."""
-        return csv_response(service.audit_csv(state, service.audit_query(kind, mapping, since, until)))
+        return csv_response(audit_service.audit_csv(state, audit_service.audit_query(kind, mapping, since, until)))
 
     # -- monitoring and settings ------------------------------------------------------------------------------------
 
