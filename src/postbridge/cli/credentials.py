@@ -23,10 +23,10 @@ from postbridge.trust.credentials import (
     Entry,
     OAuth2Entry,
     PasswordEntry,
-    check_token_url,
     summary,
     validate_name,
 )
+from postbridge.trust.oauth2 import check_token_url
 
 app = typer.Typer(
     help="Encrypted credential store: passwords and OAuth2 refresh tokens for mail channels "
