@@ -17,7 +17,6 @@ not in an error, a log record or a repr; an answer that echoes one gets it maske
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from typing import Any
 import httpx
 
 from postbridge import __version__
+from postbridge.addresses import is_loopback
 from postbridge.runtime.targets import (
     Delivery,
     DeliveryResult,
@@ -199,15 +199,6 @@ def shown_url(url: str) -> str:
     except ValueError:
         port = ""
     return f"{parts.scheme}://{host}{port}{parts.path}"
-
-
-def is_loopback(host: str) -> bool:
-    if host.lower() in ("localhost", "localhost."):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _check_url(reader: TargetTable) -> str:

@@ -12,7 +12,6 @@ store anything (:mod:`postbridge.trust.credentials` keeps the entries and the ca
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import ssl
 import urllib.error
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from postbridge import __version__
+from postbridge.addresses import is_loopback
 from postbridge.errors import (
     AuthenticationError,
     ConfigurationError,
@@ -50,15 +50,6 @@ class TokenGrant:
     refresh_token: str = field(default="", repr=False)
 
 
-def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_token_url(url: str) -> str:
     """Return ``url`` if it may receive a refresh token: https, or http to a loopback address; no user info.
     Raises ConfigurationError (quoting at most scheme, host and path)."""
@@ -76,7 +67,7 @@ def check_token_url(url: str) -> str:
         raise ConfigurationError(
             f"the token URL '{shown}' carries a user name or password", hint="give the client id and secret apart"
         )
-    if not host or not (parts.scheme == "https" or (parts.scheme == "http" and _is_loopback(host))):
+    if not host or not (parts.scheme == "https" or (parts.scheme == "http" and is_loopback(host))):
         raise ConfigurationError(
             f"the token URL '{shown}' must use https (plain http is accepted only for a loopback address)",
             hint="give the provider's https token endpoint",
@@ -135,7 +126,7 @@ def refresh_grant(
         _NoRedirect(),
         urllib.request.HTTPSHandler(context=context or ssl.create_default_context()),
     ]
-    if _is_loopback(urllib.parse.urlsplit(url).hostname or ""):
+    if is_loopback(urllib.parse.urlsplit(url).hostname or ""):
         handlers.append(urllib.request.ProxyHandler({}))  # never send loopback traffic to an HTTP proxy
     where = f"token endpoint {url}"
     try:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import socket
 from collections.abc import Generator
@@ -32,7 +31,7 @@ from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, Field
 
 from postbridge import __version__
-from postbridge.addresses import HostPort
+from postbridge.addresses import HostPort, is_loopback
 from postbridge.connector.agent import Connector
 from postbridge.connector.mappings import Mapping, Protocol
 from postbridge.errors import ConfigurationError, PostbridgeError
@@ -500,15 +499,6 @@ def csv_response(text: str) -> Response:
 def admin_store_of(connector: Connector) -> AdminStore:
     """The connector UI's administrator password file, ``HOME/connector/admin.json``."""
     return service.admin_store(connector.state)
-
-
-def is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class _QuietServer(uvicorn.Server):
