@@ -239,3 +239,16 @@ def test_virtual_mapped_twice_in_the_file_is_an_error(store: MappingStore) -> No
     store.path.write_text(json.dumps({"mappings": [entry, {**entry, "virtual": "MAIL.corp:143"}]}))
     with pytest.raises(ConfigurationError, match=r"entry 2: virtual address mail\.corp:143 is mapped twice"):
         store.load()
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("localhost", True), ("LOCALHOST.", True), ("127.0.0.1", True), ("127.3.4.5", True), ("::1", True),
+        ("[::1]", True), ("10.0.0.1", False), ("localhost.example", False), ("mail.corp.example", False), ("", False),
+    ],
+)  # fmt: skip
+def test_is_loopback_knows_every_spelling_of_this_machine(host: str, loopback: bool) -> None:
+    from postbridge.addresses import is_loopback
+
+    assert is_loopback(host) is loopback
