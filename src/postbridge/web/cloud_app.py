@@ -34,16 +34,8 @@ from postbridge.mail.probe import KINDS, ProbeReport
 from postbridge.mail.settings import AuthMethod, Protection, Proxy
 from postbridge.runtime.store import MessageRecord, MessageStatus
 from postbridge.services import InvalidInput, NotFound
-from postbridge.services.cloud import (
-    ADMIN_COMMAND,
-    MAX_CERTIFICATE_UPLOAD,
-    TEST_TIMEOUT,
-    CloudService,
-    ConnectionTestRequest,
-    MessageDetail,
-    admin_path,
-    anchor_candidates,
-)
+from postbridge.services.cloud import ADMIN_COMMAND, MAX_CERTIFICATE_UPLOAD, CloudService, admin_path, anchor_candidates
+from postbridge.services.cloud_views import TEST_TIMEOUT, ConnectionTestRequest, MessageDetail
 from postbridge.web.pages import flash, http_status, install_common, redirect, render, templates
 
 if TYPE_CHECKING:
