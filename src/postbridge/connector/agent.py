@@ -9,7 +9,7 @@
   a third of its lifetime is left, and drains on shutdown.
 * Counts what happens to every CONNECT in :attr:`Connector.stats` (:mod:`postbridge.connector.stats`) and keeps
   the tunnel's state (hub, since when, round-trip time, reconnects) for the web UI, which it serves in the same
-  event loop when ``ui_listen`` is set (:mod:`postbridge.web.connector_app`).
+  event loop when ``ui_listen`` is set (:mod:`postbridge.web.connector_server`).
 
 This module must not parse SOCKS or HTTP/2 itself.
 """
@@ -208,7 +208,7 @@ class Connector:
         async with AsyncExitStack() as stack:
             if self.config.ui_listen is not None:
                 # imported here: the web stack (FastAPI, Jinja2) is loaded only by a connector that serves the UI
-                from postbridge.web.connector_app import serve_ui
+                from postbridge.web.connector_server import serve_ui
 
                 self.ui_address = await serve_ui(self, self.config.ui_listen, stack, tls=self.config.ui_tls)
             await self._run_tunnel(stop)

@@ -8,9 +8,9 @@ Settings ``/settings``. The JSON API under ``/api/v1/…`` offers every page act
 form catches the service's error and renders the form again with the message, the hint and the user's input; the
 API answers ``{"error": …, "hint": …}`` with the error's status (422, 404, 409, 413, 400).
 
-:func:`serve_ui` runs the app with uvicorn in the connector's own event loop: plain HTTP on a loopback address,
-HTTPS with the connector's certificate (``HOME/connector/client.pem``) on any other. Routes that read the running
-agent (overview, monitoring, checks) are ``async`` and run on the loop; file-bound ones run in the thread pool.
+:func:`postbridge.web.connector_server.serve_ui` runs the app in the connector's own event loop. Routes that read
+the running agent (overview, monitoring, checks) are ``async`` and run on the loop; file-bound ones run in the
+thread pool.
 
 Must not: change anything without the service layer, or block the event loop with file I/O.
 """
@@ -18,26 +18,20 @@ Must not: change anything without the service layer, or block the event loop wit
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
-from collections.abc import Generator
-from contextlib import AsyncExitStack
 from typing import Annotated, Any
 
-import uvicorn
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, Field
 
 from postbridge import __version__
-from postbridge.addresses import HostPort, is_loopback
 from postbridge.connector.agent import Connector
 from postbridge.connector.mappings import Mapping, Protocol
-from postbridge.errors import ConfigurationError, PostbridgeError
+from postbridge.errors import PostbridgeError
 from postbridge.services import connector as service
 from postbridge.services import connector_audit as audit_service
-from postbridge.web.auth import AdminStore, first_start
+from postbridge.web.auth import AdminStore
 from postbridge.web.pages import current_session, flash, http_status, install_common, redirect, render
 
 log = logging.getLogger("postbridge.connector.ui")
@@ -95,7 +89,7 @@ def build_app(connector: Connector, *, admin: AdminStore | None = None) -> FastA
         docs_url="/api/docs",
         redoc_url=None,
     )
-    admin_store = admin or admin_store_of(connector)
+    admin_store = admin or service.admin_store(connector.state)
     install_common(app, title=TITLE, nav=NAV, admin_path=admin_store.path, admin_command=service.ADMIN_COMMAND)
 
     # -- overview -----------------------------------------------------------------------------------------------
@@ -494,104 +488,3 @@ def csv_response(text: str) -> Response:
         media_type="text/csv; charset=utf-8",
         headers={"Content-Disposition": 'attachment; filename="postbridge-audit.csv"'},
     )
-
-
-def admin_store_of(connector: Connector) -> AdminStore:
-    """The connector UI's administrator password file, ``HOME/connector/admin.json``."""
-    return service.admin_store(connector.state)
-
-
-class _QuietServer(uvicorn.Server):
-    """uvicorn without its own signal handlers: the connector owns SIGINT/SIGTERM and stops the UI itself."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
-
-
-async def serve_ui(
-    connector: Connector, listen: HostPort, stack: AsyncExitStack, *, tls: bool | None = None
-) -> HostPort:
-    """Serve the UI of ``connector`` on ``listen`` until ``stack`` exits; return the address it listens on.
-
-    HTTPS with the connector's certificate (``tls=True``, or ``None`` on an address that is not loopback), plain
-    HTTP only on a loopback address. At the first start (no administrator password yet) a password is generated and
-    printed once to stderr. Raises ConfigurationError for plain HTTP on an address that is not loopback (before
-    anything is opened), an address that cannot be used (in use, not local) or a certificate that cannot be loaded.
-    """
-    if tls is None:
-        tls = not is_loopback(listen.host)
-    elif not tls and not is_loopback(listen.host):
-        raise ConfigurationError(
-            f"refusing to serve the connector UI over plain HTTP on '{listen}', which is not a loopback address: "
-            "the password and the session would cross the network unencrypted",
-            hint="drop --ui-no-tls (the UI then uses HTTPS with the connector's certificate), or listen on 127.0.0.1",
-        )
-    scheme = "https" if tls else "http"
-    sock = _bind(listen)
-    bound = HostPort(listen.host, int(sock.getsockname()[1]))
-    try:
-        app = build_app(connector)
-        first_start(admin_store_of(connector), what=f"connector UI at {scheme}://{bound}")
-        credentials = str(connector.state.credentials_path)
-        config = uvicorn.Config(
-            app,
-            log_level="warning",
-            log_config=None,
-            access_log=False,
-            lifespan="off",
-            ws="none",
-            proxy_headers=False,
-            server_header=False,
-            ssl_certfile=credentials if tls else None,  # client.pem holds certificate and key
-        )
-        try:
-            config.load()
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            raise ConfigurationError(
-                f"cannot serve the UI over HTTPS with '{credentials}': {exc}",
-                hint="renew the connector's certificate ('postbridge connector renew'), or listen on 127.0.0.1",
-            ) from exc
-        server = _QuietServer(config)
-        task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]), name="connector ui")
-        while not server.started:
-            if task.done():
-                task.result()
-                raise ConfigurationError(f"the connector UI on {bound} stopped during start-up")
-            await asyncio.sleep(0.01)
-    except BaseException:
-        sock.close()
-        raise
-
-    async def stop() -> None:
-        server.should_exit = True
-        await task
-        sock.close()
-
-    stack.push_async_callback(stop)
-    log.info("connector UI at %s://%s (API described at /api/openapi.json)", scheme, bound)
-    return bound
-
-
-def _bind(listen: HostPort) -> socket.socket:
-    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
-    try:
-        infos = socket.getaddrinfo(listen.host, listen.port, family, socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise ConfigurationError(
-            f"--ui-listen '{listen}': cannot resolve '{listen.host}'", hint="give an IP address such as 127.0.0.1"
-        ) from exc
-    family, kind, proto, _, address = infos[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(128)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        raise ConfigurationError(
-            f"--ui-listen '{listen}': cannot listen there: {exc.strerror or exc}",
-            hint="choose a free port, or an address of this machine",
-        ) from exc
-    return sock
