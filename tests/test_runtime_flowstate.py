@@ -6,8 +6,8 @@ import random
 from pathlib import Path
 
 from postbridge.runtime.config import RetryPolicy
-from postbridge.runtime.engine import idempotency_key
 from postbridge.runtime.flowstate import FlowState
+from postbridge.runtime.runner import idempotency_key
 from postbridge.runtime.store import MessageStatus, open_store
 
 
