@@ -27,7 +27,12 @@ from typing import Any, TypeVar
 
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import TimeoutException, WebDriverException
+from selenium.common.exceptions import (
+    NoSuchElementException,
+    StaleElementReferenceException,
+    TimeoutException,
+    WebDriverException,
+)
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -119,9 +124,18 @@ def screenshot(driver: WebDriver, name: str, *, full_page: bool = True) -> Path:
 
 
 def wait_for(driver: WebDriver, condition: Callable[[WebDriver], T], timeout: float = 10, what: str = "") -> T:
-    """Wait until ``condition(driver)`` is truthy and return it; AssertionError naming ``what`` otherwise."""
+    """Wait until ``condition(driver)`` is truthy and return it; AssertionError naming ``what`` otherwise.
+
+    An element found by ``condition`` may go stale before it is read when the page is replaced in between (a form
+    post redirects and the new page loads): that look counts as "not yet", not as a failure."""
     try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition)
+        wait = WebDriverWait(
+            driver,
+            timeout,
+            poll_frequency=0.1,
+            ignored_exceptions=(NoSuchElementException, StaleElementReferenceException),
+        )
+        return wait.until(condition)
     except TimeoutException:
         raise AssertionError(
             f"timed out after {timeout:g} s waiting for {what or 'the page'} at {driver.current_url}:\n"
