@@ -8,6 +8,7 @@ import io
 import logging
 import os
 import re
+import select
 import signal
 import ssl
 import subprocess
@@ -115,19 +116,11 @@ def test_demo_keeps_running_with_the_web_uis_and_the_flow_until_ctrl_c(tmp_path:
     process = subprocess.Popen(
         [sys.executable, "-m", "postbridge", "demo"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
     )
-    lines: list[str] = []
+    seen = bytearray()
     try:
         assert process.stdout is not None
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            line = process.stdout.readline().decode()
-            if not line:
-                break
-            lines.append(line.rstrip("\n"))
-            if "Press Ctrl-C to stop." in line:
-                break
-        output = "\n".join(lines)
-        assert "Press Ctrl-C to stop." in output, output
+        output = _read_until(process, seen, "Press Ctrl-C to stop.", timeout=60)
+        lines = output.splitlines()
         ui = re.search(r"connector UI\s+(http://127\.0\.0\.1:\d+/)\s+password (\S+)", output)
         cockpit = re.search(r"cloud cockpit\s+(https://127\.0\.0\.1:\d+/cockpit/)\s+password (\S+)", output)
         ca = re.search(r"from the hub's own CA, (\S+): your browser", output)
@@ -151,11 +144,10 @@ def test_demo_keeps_running_with_the_web_uis_and_the_flow_until_ctrl_c(tmp_path:
         inbox = re.search(r"watch (\S+/inbox)", output)
         assert inbox, output
         folder = Path(inbox.group(1))
-        deadline = time.monotonic() + 30  # the flow polls every 5 s
-        while len(list(folder.glob("*.eml"))) < 4 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        subjects = [p.read_text() for p in folder.glob("*.eml")]
-        assert any("Subject: Hello from the cloud" in text for text in subjects), subjects
+        arrival = "flow 'alice-inbox': 'Hello from the cloud' from bob@corp.example -> "
+        announced = _read_until(process, seen, arrival, timeout=30)  # the flow polls every 5 s and says so
+        path = announced.split(arrival, 1)[1].split()[0]
+        assert Path(path).parent == folder and "Subject: Hello from the cloud" in Path(path).read_text()
 
         process.send_signal(signal.SIGINT)
         rest, errors = process.communicate(timeout=60)
@@ -165,3 +157,21 @@ def test_demo_keeps_running_with_the_web_uis_and_the_flow_until_ctrl_c(tmp_path:
     assert process.returncode == 0, rest.decode() + errors.decode()
     assert "stopping: the flow, the connector, the hub and the lab server" in rest.decode()
     assert list(tmp_path.iterdir()) == []  # the temporary home is gone
+
+
+def _read_until(process: subprocess.Popen[bytes], seen: bytearray, text: str, *, timeout: float) -> str:
+    """Read the process's stdout (unbuffered, into ``seen``) until ``text`` appeared; return all output so far."""
+    assert process.stdout is not None
+    fd = process.stdout.fileno()
+    deadline = time.monotonic() + timeout
+    while text.encode() not in seen:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"{text!r} did not appear within {timeout:g} s:\n{seen.decode(errors='replace')}")
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise AssertionError(f"the demo ended before {text!r}:\n{seen.decode(errors='replace')}")
+            seen += chunk
+    return seen.decode(errors="replace")

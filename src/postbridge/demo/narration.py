@@ -49,6 +49,11 @@ class Narrator:
         self._failures: list[str] = []
 
     @property
+    def tick(self) -> str:
+        """The mark of a good outcome: ✓, or + on a console that cannot show it."""
+        return self._tick
+
+    @property
     def all_passed(self) -> bool:
         return bool(self.outcomes) and all(outcome.passed for outcome in self.outcomes)
 
