@@ -55,6 +55,8 @@ def test_run_once_drains_into_a_directory_and_the_log_tells_it(
     assert one["subject"] in shown.stdout and "post-processed" in shown.stdout
     table = cli(home, "messages", "list", "--flows", str(flows), "--search", f"{folder} #7", "--json")
     assert [r["subject"] for r in json.loads(table.stdout)] == [f"{folder} #7"]
+    shown_table = cli(home, "messages", "list", "--flows", str(flows), "--search", f"{folder} #7").stdout
+    assert "refused" in shown_table and "tries" not in shown_table  # delivered at once: 0 refusals, not "0 tries"
     again = cli(home, "run", str(flows), "--once")  # nothing new: nothing delivered twice
     assert "✓ drain" in again.stdout and len(list(out.glob("*.eml"))) == 25
 

@@ -246,7 +246,7 @@ def messages_list(
         if as_json:
             print_json([_record_json(r) for r in records])
             return
-        table = Table("updated", "flow", "status", "tries", "subject", "from", "target / error")
+        table = Table("updated", "flow", "status", "refused", "subject", "from", "target / error")
         for record in records:
             style = _STATUS_STYLE.get(record.status.value, "white")
             outcome = (
