@@ -12,6 +12,7 @@ import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
@@ -352,3 +353,28 @@ def test_proxy_environment_is_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
         proxy.settimeout(0.2)
         with pytest.raises(TimeoutError):
             proxy.accept()
+
+
+class _Mappings:
+    """A hub API that knows only these mappings (the 0x02 diagnosis asks for nothing else)."""
+
+    def __init__(self, *virtuals: str) -> None:
+        self.virtuals = virtuals
+
+    def mappings(self, location: str) -> list[dict[str, Any]]:
+        return [{"virtual": v, "internal": f"{LOOPBACK}:1", "protocol": "tcp"} for v in self.virtuals]
+
+
+@pytest.mark.parametrize(
+    ("wanted", "said"),
+    [
+        ("mail.corp.example:1143", "did you mean mail.corp.example:143? the hub knows 'mail.corp.example' at port 143"),
+        ("mail.corp.example:995", "did you mean mail.corp.example:993?"),
+        ("mail.corp.example:25", "the hub knows 'mail.corp.example' at port(s) 143, 587, 993, not 25"),
+    ],
+)
+def test_0x02_suggests_the_port_that_looks_like_the_wanted_one(wanted: str, said: str) -> None:
+    api = _Mappings("mail.corp.example:143", "mail.corp.example:587", "mail.corp.example:993")
+    diagnosis = diagnose_refusal(channel(unreachable_binding(), wanted), 0x02, api=api)  # type: ignore[arg-type]
+    suggestions = [line for line in diagnosis.evidence if "did you mean" in line or "at port(s)" in line]
+    assert len(suggestions) == 1 and suggestions[0].startswith(said), diagnosis.evidence

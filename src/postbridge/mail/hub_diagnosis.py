@@ -84,11 +84,16 @@ def _diagnose_unmapped(settings: ChannelSettings, api: HubApi) -> HubDiagnosis:
     if wanted in known:
         evidence.append(f"{wanted} is mapped now (added after the refusal?)")
         return HubDiagnosis(tuple(evidence), "try again")
-    for other in known:
-        if other.host == wanted.host:
+    ports = [str(other.port) for other in known if other.host == wanted.host]
+    if ports:  # the host is right: suggest the port that looks most like the wanted one, else name them all
+        close = difflib.get_close_matches(str(wanted.port), ports, n=1, cutoff=0.5)
+        if close:
             evidence.append(
-                f"did you mean {other}? the hub knows '{wanted.host}' at port {other.port}, not {wanted.port}"
+                f"did you mean {HostPort(wanted.host, int(close[0]))}? the hub knows '{wanted.host}' at port "
+                f"{close[0]}, not {wanted.port}"
             )
+        else:
+            evidence.append(f"the hub knows '{wanted.host}' at port(s) {', '.join(ports)}, not {wanted.port}")
     same_port = [other.host for other in known if other.port == wanted.port]
     for host in difflib.get_close_matches(wanted.host, same_port, n=1, cutoff=0.6):
         evidence.append(f"did you mean {HostPort(host, wanted.port)}? the hub knows that host at port {wanted.port}")
