@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from tests.harness import Connector, Stack, cli, socks_connect
 from tests.servers import LOOPBACK, free_port, wait_for_port
 from tests.servers.dovecot import Dovecot
+from tests.servers.pki import TestPki
 
 pytestmark = pytest.mark.e2e
 
@@ -565,6 +566,36 @@ def test_https_with_the_connector_certificate(ui: Ui) -> None:
             assert client.get("/api/v1/status").json()["connector_id"] == third.identity["connector_id"]
     finally:
         process.stop()
+
+
+def test_https_with_the_operators_certificate_which_clients_can_verify(ui: Ui, test_pki: TestPki) -> None:
+    fourth = ui.stack.enroll("dc4", name="fourth")
+    cli(fourth.home, "connector", "admin", "set-password", "--password-stdin", stdin=PASSWORD + "\n")
+    port = free_port()
+    process = ui.stack.start_connector(
+        fourth, "--ui-listen", f"{LOOPBACK}:{port}", "--ui-cert", str(test_pki.chain_pem), "--ui-key",
+        str(test_pki.key_pem),
+    )  # fmt: skip
+    try:
+        wait_for_port(port, alive=process.alive)
+        # verified like a browser that trusts the company CA: chain and host name (127.0.0.1 is in the SANs)
+        with httpx.Client(base_url=f"https://{LOOPBACK}:{port}", verify=test_pki.client_context(), timeout=10) as web:
+            assert web.get("/healthz").json() == {"status": "ok"}
+            assert web.post("/api/v1/login", json={"password": PASSWORD}).status_code == 200
+            assert web.get("/api/v1/status").json()["connector_id"] == fourth.identity["connector_id"]
+    finally:
+        process.stop()
+    home = fourth.home
+    broken = home / "broken.pem"
+    broken.write_text("not a certificate\n")
+    refused = cli(home, "connector", "run", "--ui-listen", f"{LOOPBACK}:{free_port()}", "--ui-cert", str(broken),
+                  check=False, timeout=30)  # fmt: skip
+    assert refused.returncode == 2 and f"cannot serve the UI over HTTPS with '{broken}'" in refused.stderr
+    plain = cli(home, "connector", "run", "--ui-listen", f"{LOOPBACK}:{free_port()}", "--ui-cert",
+                str(test_pki.chain_pem), "--ui-no-tls", check=False, timeout=30)  # fmt: skip
+    assert plain.returncode == 2 and "--ui-cert needs HTTPS" in plain.stderr
+    lonely = cli(home, "connector", "run", "--ui-key", str(test_pki.key_pem), check=False, timeout=30)
+    assert lonely.returncode == 2 and "--ui-key belongs to --ui-cert" in lonely.stderr
 
 
 def test_plain_http_off_loopback_is_refused_before_listening(ui: Ui) -> None:

@@ -22,7 +22,7 @@ from postbridge.connector.agent import Connector, ConnectorConfig
 from postbridge.connector.enroll import enroll as do_enroll
 from postbridge.connector.enroll import renew as do_renew
 from postbridge.connector.state import ConnectorState
-from postbridge.errors import TrustError
+from postbridge.errors import ConfigurationError, TrustError
 from postbridge.services import connector as service
 
 app = typer.Typer(
@@ -269,6 +269,18 @@ def run(
             "refused off loopback).",
         ),
     ] = None,
+    ui_cert: Annotated[
+        Path | None,
+        typer.Option(
+            "--ui-cert",
+            help="PEM file with the UI's server certificate and its intermediates (e.g. from your company CA, so "
+            "browsers trust it); the key may be in the same file. Implies HTTPS. Default: the connector's own "
+            "certificate, which browsers warn about.",
+        ),
+    ] = None,
+    ui_key: Annotated[
+        Path | None, typer.Option("--ui-key", help="PEM file with the unencrypted key of --ui-cert.")
+    ] = None,
 ) -> None:
     """Keep the tunnel to the hub up and serve mapped connections until interrupted."""
     obj = ctx_obj(ctx)
@@ -284,7 +296,13 @@ def run(
             dead_after=dead_after,
             ui_listen=parse_host_port(ui_listen, what="--ui-listen") if ui_listen else None,
             ui_tls=ui_tls,
+            ui_cert=ui_cert,
+            ui_key=ui_key,
         )
+        if ui_key is not None and ui_cert is None:
+            raise ConfigurationError("--ui-key belongs to --ui-cert", hint="give the certificate with --ui-cert")
+        if ui_cert is not None and not ui_listen:
+            raise ConfigurationError("--ui-cert needs --ui-listen", hint="e.g. --ui-listen 0.0.0.0:8444")
         connector = Connector(state, config)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -23,6 +23,7 @@ import random
 import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from postbridge import __version__
@@ -56,6 +57,8 @@ class ConnectorConfig:
     backoff_cap: float = 5.0
     ui_listen: HostPort | None = None  # serve the web UI here
     ui_tls: bool | None = None  # HTTPS for the UI; None: plain HTTP on a loopback address, HTTPS elsewhere
+    ui_cert: Path | None = None  # the UI's server certificate chain (PEM; the key in it or in ui_key)
+    ui_key: Path | None = None
 
 
 class _CountedBridge(StreamBridge):
@@ -206,11 +209,15 @@ class Connector:
         With ``config.ui_listen`` the web UI is served first (ConfigurationError when it cannot listen there).
         """
         async with AsyncExitStack() as stack:
-            if self.config.ui_listen is not None:
+            config = self.config
+            if config.ui_listen is not None:
                 # imported here: the web stack (FastAPI, Jinja2) is loaded only by a connector that serves the UI
-                from postbridge.web.connector_server import serve_ui
+                from postbridge.web.connector_server import UiCertificate, serve_ui
 
-                self.ui_address = await serve_ui(self, self.config.ui_listen, stack, tls=self.config.ui_tls)
+                certificate = UiCertificate(config.ui_cert, config.ui_key) if config.ui_cert is not None else None
+                self.ui_address = await serve_ui(
+                    self, config.ui_listen, stack, tls=config.ui_tls, certificate=certificate
+                )
             await self._run_tunnel(stop)
 
     async def _run_tunnel(self, stop: asyncio.Event) -> None:
