@@ -50,11 +50,20 @@ def private_dir(path: Path) -> Path:
     return path
 
 
-def atomic_write(path: Path, data: bytes | str, *, mode: int = 0o600) -> None:
-    """Write ``data`` to ``path`` atomically with the given mode; the old file stays intact on any failure."""
+def atomic_write(
+    path: Path, data: bytes | str, *, mode: int = 0o600, private_parent: bool = True, sync_folder: bool = False
+) -> None:
+    """Write ``data`` to ``path`` atomically with the given mode; the old file stays intact on any failure.
+
+    A temporary file in the same folder is written, fsynced and renamed over ``path``; readers see the old file or
+    the new one, never a part, and no temporary file is left behind. ``private_parent`` first creates the folder
+    with mode 0700 (HomeError when impossible); ``sync_folder`` also fsyncs the folder, so the rename survives a
+    power loss (a later synced write in the same folder does that too). Raises OSError for the write itself.
+    """
     if isinstance(data, str):
         data = data.encode("utf-8")
-    private_dir(path.parent)
+    if private_parent:
+        private_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, mode)
@@ -67,6 +76,17 @@ def atomic_write(path: Path, data: bytes | str, *, mode: int = 0o600) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    if sync_folder:
+        fsync_folder(path.parent)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable. Raises OSError."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json(path: Path, value: Any) -> None:

@@ -17,16 +17,15 @@ checked to be a plain name), leave temporary files behind, or overwrite a stored
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
-import tempfile
 import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from postbridge.home import atomic_write
 from postbridge.runtime.targets import (
     Delivery,
     DeliveryResult,
@@ -41,37 +40,6 @@ KEYS = ("kind", "path")
 PERMANENT_ERRNOS = frozenset(
     {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP}
 )
-
-
-def fsync_folder(folder: Path) -> None:
-    """Make a rename in ``folder`` durable. Raises OSError."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path: Path, data: bytes, *, mode: int = 0o600, sync_folder: bool = True) -> None:
-    """Replace ``path`` with ``data``: temporary file in the same folder, fsync, rename, fsync the folder (unless
-    ``sync_folder`` is False: a later write in the same folder will make this rename durable with its own).
-
-    Readers see the old file or the new one, never a part; no temporary file is left on failure. Raises OSError.
-    """
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-    if sync_folder:
-        fsync_folder(path.parent)
 
 
 class DirectoryTarget:
@@ -96,7 +64,7 @@ class DirectoryTarget:
                 self._make_folder()
                 duplicate = self._store_message(message_path, delivery)
                 deliveries = _previous_deliveries(metadata_path) + 1 if duplicate else 1
-                write_atomically(metadata_path, _metadata(delivery, deliveries))
+                atomic_write(metadata_path, _metadata(delivery, deliveries), private_parent=False, sync_folder=True)
             except OSError as exc:
                 raise self._os_error(exc) from exc
         return DeliveryResult(ref=str(message_path), duplicate=duplicate)
@@ -112,7 +80,7 @@ class DirectoryTarget:
         try:
             existing = path.read_bytes()
         except FileNotFoundError:
-            write_atomically(path, delivery.raw, sync_folder=False)  # the metadata's write syncs the folder
+            atomic_write(path, delivery.raw, private_parent=False)  # the metadata's write syncs the folder
             return False
         if existing != delivery.raw:
             raise TargetError(
