@@ -10,7 +10,7 @@ from postbridge.addresses import HostPort
 from postbridge.tunnel import bridge as bridge_module
 from postbridge.tunnel import protocol as tp
 from postbridge.tunnel.bridge import StreamBridge
-from postbridge.tunnel.session import TunnelSession
+from postbridge.tunnel.session import SessionHandler, TunnelSession
 
 
 class _FakeTransport(asyncio.Transport):
@@ -72,6 +72,17 @@ class _Pipe(asyncio.Transport):
         self.closing = True
 
 
+def _linked(handler: SessionHandler) -> tuple[TunnelSession, TunnelSession]:
+    """A hub session and a connector session (with ``handler``) whose bytes travel through in-memory pipes."""
+    hub = TunnelSession(tp.Role.HUB, peer="connector")
+    connector = TunnelSession(tp.Role.CONNECTOR, peer="hub", handler=handler)
+    to_connector, to_hub = _Pipe(), _Pipe()
+    to_connector.peer, to_hub.peer = connector, hub
+    connector.connection_made(to_hub)
+    hub.connection_made(to_connector)
+    return hub, connector
+
+
 async def test_a_local_socket_that_fails_on_eof_resets_only_its_stream() -> None:
     class Handler:
         def connect_requested(self, session: TunnelSession, event: tp.ConnectRequested) -> None:
@@ -81,12 +92,7 @@ async def test_a_local_socket_that_fails_on_eof_resets_only_its_stream() -> None
         def control_requested(self, session: TunnelSession, event: tp.ControlRequested) -> None:
             raise AssertionError("not used")
 
-    hub = TunnelSession(tp.Role.HUB, peer="connector")
-    connector = TunnelSession(tp.Role.CONNECTOR, peer="hub", handler=Handler())
-    to_connector, to_hub = _Pipe(), _Pipe()
-    to_connector.peer, to_hub.peer = connector, hub
-    connector.connection_made(to_hub)
-    hub.connection_made(to_connector)
+    hub, connector = _linked(Handler())
 
     bridge = StreamBridge()
     local = _FakeTransport()
@@ -115,12 +121,7 @@ async def test_any_failure_in_one_streams_handler_resets_that_stream_and_keeps_t
         def tunnel_data(self, data: bytes, flow_length: int) -> None:
             raise RuntimeError("bug in one stream's code")
 
-    hub = TunnelSession(tp.Role.HUB, peer="connector")
-    connector = TunnelSession(tp.Role.CONNECTOR, peer="hub", handler=Handler())
-    to_connector, to_hub = _Pipe(), _Pipe()
-    to_connector.peer, to_hub.peer = connector, hub
-    connector.connection_made(to_hub)
-    hub.connection_made(to_connector)
+    hub, connector = _linked(Handler())
     bad, good = Exploding(), StreamBridge()
     bad_local, good_local = _FakeTransport(), _FakeTransport()
     bad.connection_made(bad_local)
@@ -163,12 +164,7 @@ async def test_a_draining_connector_ends_a_tls_stream_whose_client_left_without_
         def control_requested(self, session: TunnelSession, event: tp.ControlRequested) -> None:
             raise AssertionError("not used")
 
-    hub = TunnelSession(tp.Role.HUB, peer="connector")
-    connector = TunnelSession(tp.Role.CONNECTOR, peer="hub", handler=Handler())
-    to_connector, to_hub = _Pipe(), _Pipe()
-    to_connector.peer, to_hub.peer = connector, hub
-    connector.connection_made(to_hub)
-    hub.connection_made(to_connector)
+    hub, connector = _linked(Handler())
     client = StreamBridge()
     client.connection_made(_FakeTransport())
     stream_id = hub.open_stream(HostPort("mail.corp.example", 993), "trace", client)
