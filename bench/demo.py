@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -24,6 +23,16 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# Run as a script, Python puts bench/ first on the path (where bench/profile.py hides the standard library's
+# `profile`): import from the repository root instead, as the other benchmarks do.
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != ROOT / "bench"]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.mail_report import machine  # noqa: E402
+from bench.sections import replace_section  # noqa: E402
 
 BEGIN = "<!-- bench/demo.py results: begin (generated, replaced on every run) -->"
 END = "<!-- bench/demo.py results: end -->"
@@ -94,9 +103,10 @@ def render(runs: list[DemoRun], base: float) -> str:
 
     steps = sorted({step for run in runs for step in run.steps})
     lines = [
-        f"Run {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {platform.machine()} ({os.cpu_count()} CPUs), "
-        f"Python {platform.python_version()}; {len(runs)} runs, medians; baseline `postbridge --version` "
+        f"Run {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {len(runs)} runs, medians; baseline `postbridge --version` "
         f"{base:.2f} s.",
+        "",
+        *machine([]),
         "",
         "| moment | seconds after start | × baseline |",
         "|---|---|---|",
@@ -118,12 +128,7 @@ def render(runs: list[DemoRun], base: float) -> str:
 
 
 def write(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Performance\n"
-    if BEGIN not in text or END not in text:
-        text = text.rstrip() + "\n" + SKELETON
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    path.write_text(f"{head}{BEGIN}\n{section}{END}{tail}")
+    replace_section(path, section, begin=BEGIN, end=END, new_page="# Performance\n", appended="\n" + SKELETON)
 
 
 def main() -> int:

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.mail_clients import Timed
+from bench.sections import replace_section
 
 BEGIN = "<!-- bench/mail.py results: begin (generated, replaced on every run) -->"
 END = "<!-- bench/mail.py results: end -->"
@@ -255,10 +256,4 @@ def summarise_cprofile(stats: pstats.Stats, seconds: float, top: int = 12) -> st
 
 def write(path: Path, section: str) -> None:
     """Replace the generated mail section of ``path``; append the skeleton first when its markers are missing."""
-    text = path.read_text() if path.exists() else "# Performance\n"
-    if BEGIN not in text or END not in text:
-        text = text.rstrip() + "\n" + SKELETON
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"{head}{BEGIN}\n{section}{END}{tail}")
+    replace_section(path, section, begin=BEGIN, end=END, new_page="# Performance\n", appended="\n" + SKELETON)

@@ -21,6 +21,7 @@ from pathlib import Path
 import h2
 
 from bench.measure import Concurrency, Latency, Throughput
+from bench.sections import replace_section
 
 BEGIN = "<!-- bench/tunnel.py results: begin (generated, replaced on every run) -->"
 END = "<!-- bench/tunnel.py results: end -->"
@@ -284,10 +285,4 @@ def render(run: Run) -> str:
 
 def write(path: Path, section: str) -> None:
     """Replace the generated section of ``path`` (create the page from the skeleton when it is missing)."""
-    text = path.read_text() if path.exists() else SKELETON
-    if BEGIN not in text or END not in text:
-        text = text.rstrip() + f"\n\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"{head}{BEGIN}\n{section}{END}{tail}")
+    replace_section(path, section, begin=BEGIN, end=END, new_page=SKELETON, appended=f"\n\n{BEGIN}\n{END}\n")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from bench.mail_clients import Timed
 from bench.mail_report import machine
+from bench.sections import replace_section
 
 BEGIN = "<!-- bench/runtime.py results: begin (generated, replaced on every run) -->"
 END = "<!-- bench/runtime.py results: end -->"
@@ -292,10 +293,5 @@ def render(run: RuntimeRun, versions: list[str]) -> str:
 
 def write(path: Path, section: str, threshold: float) -> None:
     """Replace the generated runtime section of ``path``; append the skeleton first when its markers are missing."""
-    text = path.read_text() if path.exists() else "# Performance\n"
-    if BEGIN not in text or END not in text:
-        text = text.rstrip() + "\n" + SKELETON.replace("{threshold}", f"{threshold:g}")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"{head}{BEGIN}\n{section}{END}{tail}")
+    skeleton = SKELETON.replace("{threshold}", f"{threshold:g}")
+    replace_section(path, section, begin=BEGIN, end=END, new_page="# Performance\n", appended="\n" + skeleton)
