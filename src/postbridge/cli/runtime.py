@@ -27,6 +27,7 @@ from postbridge.runtime.launch import opened_runtime, read_flows
 from postbridge.runtime.metrics import Metrics, MetricsServer
 from postbridge.runtime.store import Attempt, MessageRecord, MessageStatus, RuntimeStore, open_store
 from postbridge.services.cloud import parse_since
+from postbridge.services.cloud_views import ago
 
 flows_app = typer.Typer(help="Check a flows file, and see how its flows are doing.", no_args_is_help=True)
 messages_app = typer.Typer(help="The message processing log: what happened to every message.", no_args_is_help=True)
@@ -154,7 +155,7 @@ def flows_status(ctx: typer.Context, flows: FlowsArgument, as_json: JsonOption =
             for row in rows:
                 health = "[green]healthy[/]" if row["healthy"] else "[red]UNHEALTHY[/]"
                 table.add_row(
-                    row["flow"], health, escape(row["owner"] or "-"), _age(row["last_poll"]), _age(row["last_success"]),
+                    row["flow"], health, escape(row["owner"] or "-"), ago(row["last_poll"]), ago(row["last_success"]),
                     str(row["retrying"]), str(row["quarantined"]), str(row["post_processed"]),
                     escape(row["last_error"][:80]),
                 )  # fmt: skip
@@ -164,17 +165,6 @@ def flows_status(ctx: typer.Context, flows: FlowsArgument, as_json: JsonOption =
     code = run_command(body)
     if code:
         raise typer.Exit(code)
-
-
-def _age(moment: float | None) -> str:
-    if moment is None:
-        return "never"
-    seconds = max(0.0, time.time() - moment)
-    if seconds < 120:
-        return f"{seconds:.0f} s ago"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min ago"
-    return f"{seconds / 3600:.1f} h ago"
 
 
 def _store_for(ctx: typer.Context, flows: Path | None, state: str) -> RuntimeStore:

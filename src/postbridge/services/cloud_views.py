@@ -8,6 +8,7 @@ them). Must not do I/O.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,19 @@ from postbridge.services import InvalidInput, invalid
 from postbridge.trust.truststore import TrustEntry
 
 TEST_TIMEOUT = 10.0  # seconds per step of a cockpit connection test
+
+
+def ago(moment: float | None, now: float | None = None) -> str:
+    """How long ago ``moment`` (epoch seconds) was, as the cockpit and ``flows status`` say it: "never",
+    "42 s ago", "7 min ago", "3.5 h ago"."""
+    if moment is None:
+        return "never"
+    seconds = max(0.0, (time.time() if now is None else now) - moment)
+    if seconds < 120:
+        return f"{seconds:.0f} s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.1f} h ago"
 
 
 @dataclass(frozen=True)

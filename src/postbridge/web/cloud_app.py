@@ -17,7 +17,6 @@ subaccount or the text of a token at the moment they are created.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -35,7 +34,7 @@ from postbridge.mail.settings import AuthMethod, Protection, Proxy
 from postbridge.runtime.store import MessageRecord, MessageStatus
 from postbridge.services import InvalidInput, NotFound
 from postbridge.services.cloud import ADMIN_COMMAND, MAX_CERTIFICATE_UPLOAD, CloudService, admin_path, anchor_candidates
-from postbridge.services.cloud_views import TEST_TIMEOUT, ConnectionTestRequest, MessageDetail
+from postbridge.services.cloud_views import TEST_TIMEOUT, ConnectionTestRequest, MessageDetail, ago
 from postbridge.web.pages import flash, http_status, install_common, redirect, render, templates
 
 if TYPE_CHECKING:
@@ -129,17 +128,6 @@ def _utc(moment: float | str | None) -> str:
     return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _age(moment: float | None) -> str:
-    if moment is None:
-        return "never"
-    seconds = max(0.0, time.time() - moment)
-    if seconds < 120:
-        return f"{seconds:.0f} s ago"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min ago"
-    return f"{seconds / 3600:.1f} h ago"
-
-
 def _breakable(text: str, every: int = 8) -> Markup:
     """Long serials and fingerprints may wrap (a phone is narrower than 64 hex digits)."""
     return Markup("<wbr>").join(escape(text[start : start + every]) for start in range(0, len(text), every))
@@ -147,7 +135,7 @@ def _breakable(text: str, every: int = 8) -> Markup:
 
 templates.env.filters["cockpit_breakable"] = _breakable
 templates.env.filters["cockpit_utc"] = _utc
-templates.env.filters["cockpit_age"] = _age
+templates.env.filters["cockpit_age"] = ago
 
 
 def build_cockpit(hub: Hub) -> FastAPI:
