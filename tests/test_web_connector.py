@@ -606,3 +606,12 @@ def test_plain_http_off_loopback_is_refused_before_listening(ui: Ui) -> None:
     assert "refusing to serve the connector UI over plain HTTP on '192.0.2.10:8444'" in refused.stderr
     taken = cli(ui.connector.home, "connector", "run", "--ui-listen", ui.url.removeprefix("http://"), check=False)
     assert taken.returncode == 2 and "cannot listen there" in taken.stderr
+
+
+@pytest.mark.parametrize("app", ["connector", "cloud"])
+def test_admin_set_password_without_a_password_says_how_to_give_one(tmp_path: Path, app: str) -> None:
+    empty = cli(tmp_path, app, "admin", "set-password", "--password-stdin", stdin="", check=False)
+    assert empty.returncode == 2 and "no password on stdin" in empty.stderr
+    no_terminal = cli(tmp_path, app, "admin", "set-password", stdin="", check=False)
+    assert no_terminal.returncode == 2 and "cannot prompt for the new" in no_terminal.stderr
+    assert "--password-stdin" in no_terminal.stderr

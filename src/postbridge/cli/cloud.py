@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Annotated
@@ -18,7 +17,16 @@ import typer
 from rich.table import Table
 
 from postbridge.addresses import parse_host_port
-from postbridge.cli.common import console, ctx_obj, print_json, run_async, run_command, setup_logging
+from postbridge.cli.common import (
+    console,
+    ctx_obj,
+    print_json,
+    prompt_secret,
+    run_async,
+    run_command,
+    setup_logging,
+    stdin_line,
+)
 from postbridge.cloud.hub import Hub, HubConfig
 from postbridge.cloud.state import HubState
 from postbridge.errors import ConfigurationError
@@ -244,16 +252,9 @@ def admin_set_password(
 
         home = ctx_obj(ctx).ensure_home()
         if password_stdin:
-            line = sys.stdin.readline()
-            if not line:
-                raise ConfigurationError("no password on stdin", hint="pipe the password as one line into the command")
-            password = line.rstrip("\r\n")
-        elif sys.stdin.isatty():
-            password = typer.prompt("New cockpit password", hide_input=True, confirmation_prompt=True)
+            password = stdin_line("password")
         else:
-            raise ConfigurationError(
-                "cannot prompt for the password: stdin is not a terminal", hint="pass --password-stdin and pipe it in"
-            )
+            password = prompt_secret("new cockpit password", confirm=True, stdin_option="--password-stdin")
         store = AdminStore(admin_path(home), command=ADMIN_COMMAND)
         store.set_password(password)
         console.print(f"[green]cockpit password set[/] ({store.path})", highlight=False)

@@ -95,3 +95,23 @@ HOME_HELP = "Folder with postbridge's state (keys, certificates, mappings). Defa
 
 def home_from(option: str | None) -> Path:
     return resolve_home(option)
+
+
+def stdin_line(what: str) -> str:
+    """One line of standard input (a secret piped in), without its line end. Raises ConfigurationError when there is
+    none, naming ``what`` was expected."""
+    line = sys.stdin.readline()
+    if not line:
+        raise ConfigurationError(f"no {what} on stdin", hint=f"pipe the {what} as one line into the command")
+    return line.rstrip("\r\n")
+
+
+def prompt_secret(what: str, *, confirm: bool, stdin_option: str) -> str:
+    """Ask for a secret on the terminal without echo (twice with ``confirm``). Raises ConfigurationError when stdin
+    is not a terminal, naming ``stdin_option`` as the way to pipe it in."""
+    if not sys.stdin.isatty():
+        raise ConfigurationError(
+            f"cannot prompt for the {what}: stdin is not a terminal", hint=f"pass {stdin_option} and pipe it in"
+        )
+    value: str = typer.prompt(what.capitalize(), hide_input=True, confirmation_prompt=confirm)
+    return value

@@ -17,7 +17,16 @@ from rich.table import Table
 
 from postbridge.addresses import parse_host_port
 from postbridge.cli import certs_view
-from postbridge.cli.common import console, ctx_obj, print_json, run_async, run_command, setup_logging
+from postbridge.cli.common import (
+    console,
+    ctx_obj,
+    print_json,
+    prompt_secret,
+    run_async,
+    run_command,
+    setup_logging,
+    stdin_line,
+)
 from postbridge.connector.agent import Connector, ConnectorConfig
 from postbridge.connector.enroll import enroll as do_enroll
 from postbridge.connector.enroll import renew as do_renew
@@ -333,9 +342,9 @@ def admin_set_password(
 
     def body() -> None:
         if password_stdin:
-            password = sys.stdin.readline().rstrip("\r\n")
+            password = stdin_line("password")
         else:
-            password = typer.prompt("New password", hide_input=True, confirmation_prompt=True)
+            password = prompt_secret("new password", confirm=True, stdin_option="--password-stdin")
         service.set_admin_password(_state(ctx), password, actor=ACTOR)
         console.print("[green]password set[/] for the connector UI's administrator 'admin'", highlight=False)
 

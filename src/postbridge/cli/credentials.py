@@ -7,7 +7,6 @@ line. Nothing here prints a secret: ``list``, ``show`` and ``--json`` give names
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -15,7 +14,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from postbridge.cli.common import console, ctx_obj, print_json, run_command
+from postbridge.cli.common import console, ctx_obj, print_json, prompt_secret, run_command, stdin_line
 from postbridge.errors import ConfigurationError
 from postbridge.trust.credentials import (
     KEY_ENV,
@@ -48,22 +47,6 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print JSON (never contains
 
 def _store(ctx: typer.Context, key_file: Path | None) -> CredentialStore:
     return CredentialStore(ctx_obj(ctx).ensure_home(), key_file=key_file)
-
-
-def _stdin_line(what: str) -> str:
-    line = sys.stdin.readline()
-    if not line:
-        raise ConfigurationError(f"no {what} on stdin", hint=f"pipe the {what} as one line into the command")
-    return line.rstrip("\r\n")
-
-
-def _prompt(what: str, *, confirm: bool, stdin_option: str) -> str:
-    if not sys.stdin.isatty():
-        raise ConfigurationError(
-            f"cannot prompt for the {what}: stdin is not a terminal", hint=f"pass {stdin_option} and pipe it in"
-        )
-    value: str = typer.prompt(what.capitalize(), hide_input=True, confirmation_prompt=confirm)
-    return value
 
 
 def _add(store: CredentialStore, entry: Entry, replace: bool) -> None:
@@ -99,9 +82,9 @@ def add(
         if not user:
             raise ConfigurationError("--user is empty", hint="give the user name the mail server expects")
         if password_stdin:
-            password = _stdin_line("password")
+            password = stdin_line("password")
         else:
-            password = _prompt("password", confirm=True, stdin_option="--password-stdin")
+            password = prompt_secret("password", confirm=True, stdin_option="--password-stdin")
         _add(_store(ctx, key_file), PasswordEntry(name=name, user=user, password=password), replace)
 
     run_command(body)
@@ -132,10 +115,10 @@ def add_oauth2(
         if not user or not client_id:
             raise ConfigurationError("--user and --client-id must not be empty")
         if refresh_token_stdin:
-            refresh_token = _stdin_line("refresh token")
+            refresh_token = stdin_line("refresh token")
         else:
-            refresh_token = _prompt("refresh token", confirm=False, stdin_option="--refresh-token-stdin")
-        client_secret = _stdin_line("client secret") if client_secret_stdin else ""
+            refresh_token = prompt_secret("refresh token", confirm=False, stdin_option="--refresh-token-stdin")
+        client_secret = stdin_line("client secret") if client_secret_stdin else ""
         entry = OAuth2Entry(
             name=name,
             user=user,
