@@ -23,7 +23,6 @@ from postbridge.mail.common import MailProtocolError
 from postbridge.mail.compose import OutgoingMail, build_message
 from postbridge.mail.settings import Protection
 from postbridge.mail.smtp import open_smtp
-from postbridge.runtime.engine import Runtime
 
 FLOW = "alice-inbox"
 TARGET_FOLDER = "inbox"  # in the cloud home: <idempotency key>.eml and .json per message
@@ -119,11 +118,6 @@ def write_flows(stage: Stage) -> Path:
     """Write the demo's flows file into the cloud home (replacing an earlier one) and return its path."""
     atomic_write(stage.flows_path, FLOWS_TEXT.encode(), mode=0o644)
     return stage.flows_path
-
-
-def drain_once(runtime: Runtime) -> dict[str, str]:
-    """Poll every flow once until drained; flow name -> "" when it worked, else the error."""
-    return runtime.run_once(wait=5.0)
 
 
 def stored_mails(stage: Stage) -> list[StoredMail]:

@@ -47,6 +47,7 @@ log = logging.getLogger("postbridge.demo")
 
 STEP_TIMEOUT = 30.0
 CHECK_TIMEOUT = 5.0
+LEASE_WAIT = 5.0  # seconds the one poll waits for the flow's lease (nobody else holds it)
 
 Body = Callable[[], Awaitable[None]]
 
@@ -257,7 +258,7 @@ class Demo:
         self.say.passed(f"flows file {path}: flow '{mailflow.FLOW}' (IMAP {IMAP} -> folder {mailflow.TARGET_FOLDER})")
         runtime = self.runtime = self.stack.enter_context(opened_runtime(stage.cloud_home, config, worker="demo"))
         started = time.monotonic()
-        results = await asyncio.to_thread(mailflow.drain_once, runtime)
+        results = await asyncio.to_thread(runtime.run_once, wait=LEASE_WAIT)
         took = (time.monotonic() - started) * 1000
         error = results.get(mailflow.FLOW, "the flow did not run")
         self.say.expect(not error, f"the flow polled once and drained in {took:.0f} ms", f"the flow failed: {error}")
